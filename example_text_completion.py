@@ -1,0 +1,69 @@
+# Text completion with a pretrained Llama 2 (or any converted Llama-architecture) checkpoint.
+# Runs as `python example_text_completion.py --ckpt_dir D --tokenizer_path T` (CPU or one GPU) or under
+# `torchrun --nproc_per_node N example_text_completion.py ...` (N model-parallel processes, any shard count).
+from typing import List
+
+import fire
+
+from llama import Llama
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+):
+    """
+    Generate continuations of a few sample prompts.
+
+    Args:
+        ckpt_dir: folder with params.json and consolidated.NN.pth / .safetensors shards.
+        tokenizer_path: the SentencePiece tokenizer.model the checkpoint was trained with.
+        temperature: sampling temperature (0 = greedy).
+        top_p: nucleus sampling threshold.
+        max_seq_len: maximum prompt + generation length (sizes the KV cache).
+        max_gen_len: maximum number of generated tokens.
+        max_batch_size: maximum number of prompts at once (sizes the KV cache).
+    """
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+
+    prompts: List[str] = [
+        # For these prompts, the expected answer is the natural continuation of the prompt
+        "I believe the meaning of life is",
+        "Simply put, the theory of relativity states that ",
+        """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+        
+        I just """,
+        # Few shot prompt (providing a few examples before asking model to complete more);
+        """Translate English to French:
+        
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+    ]
+    results = generator.text_completion(
+        prompts,
+        max_gen_len=max_gen_len,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    for prompt, result in zip(prompts, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

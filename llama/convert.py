@@ -1,0 +1,59 @@
+"""Checkpoint conversion: ``python -m llama.convert COMMAND ...``.
+
+  llama2c IN.bin OUT_DIR [--tokenizer T.model] [--fmt safetensors|pth] [--mp N]   llama2.c legacy .bin -> Meta folder
+  to_llama2c CKPT_DIR OUT.bin                                                      Meta folder -> llama2.c .bin
+  reshard SRC DST --mp N [--fmt ...]                                               any shard count -> N shards
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import fire
+
+from llama import checkpoint as ckpt
+from llama.llama2c import read_llama2c, write_llama2c
+
+
+def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "safetensors", mp: int = 1,
+            overwrite: bool = False) -> str:
+    """Convert a llama2.c legacy checkpoint (e.g. stories260K.bin) into a Meta-layout folder."""
+    params, state = read_llama2c(src)
+    ckpt.check_model_parallel_size(params, mp)
+    shards = [[] for _ in range(mp)]
+    for name, tensor in state.items():
+        for rank, piece in enumerate(ckpt.split_tensor(name, tensor, mp)):
+            shards[rank].append((name, piece))
+    extras = [Path(tokenizer)] if tokenizer else []
+    out = ckpt.write_checkpoint(dst, params, (iter(s) for s in shards), fmt=fmt, overwrite=overwrite,
+                                extra_files=extras)
+    print(f"wrote {out} ({mp} shard{'s' if mp > 1 else ''}, {fmt})")
+    return str(out)
+
+
+def to_llama2c(src: str, dst: str, seq_len: int = 2048) -> str:
+    """Convert a Meta-layout folder (any shard count) into a llama2.c legacy fp32 .bin."""
+    params = ckpt.read_params(src)
+    readers = ckpt.open_shards(src)
+    state = {name: ckpt.read_slice(readers, name, 0, 1) for name in readers[0].keys()}
+    write_llama2c(dst, params, state, seq_len=seq_len)
+    print(f"wrote {dst}")
+    return dst
+
+
+def reshard(src: str, dst: str, mp: int, fmt: Optional[str] = None, overwrite: bool = False) -> str:
+    """Rewrite a Meta checkpoint with any number of shards as ``mp`` shards (with checklist.chk)."""
+    out = ckpt.reshard(src, dst, mp, fmt=fmt, overwrite=overwrite)
+    print(f"wrote {out} ({mp} shards)")
+    return str(out)
+
+
+COMMANDS = {"llama2c": llama2c, "to_llama2c": to_llama2c, "reshard": reshard}
+
+
+def main():
+    fire.Fire(COMMANDS)
+
+
+if __name__ == "__main__":
+    main()
