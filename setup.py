@@ -10,8 +10,11 @@ setup(
     # Runtime: only what inference needs. torch is not pinned so an existing CPU or CUDA build is kept.
     install_requires=["torch>=2.1", "sentencepiece", "fire", "numpy", "safetensors"],
     extras_require={
-        # transformers and peft are numerical references in the tests only, never imported by llama/ or kollama/.
-        # protobuf lets transformers read a SentencePiece model for LlamaTokenizer.
-        "test": ["pytest", "transformers", "protobuf"],
+        # protobuf: `kollama.vocab merge` edits SentencePiece's ModelProto, which needs the protobuf runtime
+        # (sentencepiece ships the generated module but not the runtime); only that command imports it.
+        "vocab": ["protobuf"],
+        # Test references, never imported by llama/ or kollama/ at run time: transformers (LlamaForCausalLM logits),
+        # torchao (NF4 codes). torchao declares no requirements, so it cannot replace an installed torch.
+        "test": ["pytest", "transformers", "protobuf", "torchao"],
     },
 )
