@@ -233,10 +233,19 @@ class ParallelLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(local_shape, device=device, dtype=dtype))
+        self.local_linear: Optional[nn.Module] = None
         _init_normal_(self.weight)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.local_linear is not None:
+            return self.local_linear(x)
         return F.linear(x, self.weight)
+
+    def replace_local_linear(self, module: nn.Module) -> None:
+        """Compute this rank's product with ``module`` (e.g. a quantized copy of ``self.weight``) and free the
+        dense weight. The collectives stay as they are, so quantization composes with model parallelism."""
+        self.local_linear = module
+        self.weight = None
 
     def input_collective(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -248,7 +257,8 @@ class ParallelLinear(nn.Module):
         return self.output_collective(self.local_forward(self.input_collective(x)))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, local={tuple(self.weight.shape)}"
+        local = tuple(self.weight.shape) if self.weight is not None else "replaced"
+        return f"in_features={self.in_features}, out_features={self.out_features}, local={local}"
 
 
 class ColumnParallelLinear(ParallelLinear):

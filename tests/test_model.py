@@ -104,3 +104,20 @@ def test_no_cache_path_trains():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert all(not layer.attention.cache_k.any() for layer in model.layers)  # the cache was not touched
+
+
+def test_replaced_local_linear_keeps_the_layer_working():
+    from kollama.nf4 import NF4Linear
+
+    model = random_model(tiny_args(dim=64, n_heads=8, n_kv_heads=4))
+    tokens = torch.randint(0, 128, (1, 5))
+    wq = model.layers[0].attention.wq
+    dense = wq.weight.detach().clone()
+    nf4 = NF4Linear.from_weight(dense)
+    with torch.no_grad():
+        wq.weight.copy_(nf4.dequantize())
+        expected = model(tokens, 0)
+        wq.replace_local_linear(nf4)
+        got = model(tokens, 0)
+    assert wq.weight is None and "layers.0.attention.wq.weight" not in model.state_dict()
+    assert torch.allclose(got, expected, atol=1e-5)
