@@ -30,6 +30,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import sentencepiece as spm
 
+from llama.checkpoint import CheckpointError
+
 PathLike = Union[str, os.PathLike]
 
 # Hangul blocks: Jamo, Compatibility Jamo (ㅋㅋ, ㅠㅠ), Jamo Extended-A/B, syllables, halfwidth Jamo.
@@ -401,11 +403,8 @@ def stats(*tokenizers: PathLike, text: PathLike, field: str = "text", max_lines:
 
 
 # ---------------------------------------------------------------------------------------------------- resize
-# `resize` (grow a checkpoint's token embedding and output matrices to the merged vocabulary) is deliberately NOT
-# here yet: it needs the checkpoint I/O of llama/ and will be written by the lead. What it can rely on from
-# `merge`: ids 0..base_size-1 keep their pieces (so rows [0, base_size) are copied unchanged), Korean pieces are
-# appended at ids [base_size, base_size + added), and the padding ids after them are UNUSED pieces that the
-# tokenizer never produces. Do not register it as a command until it exists.
+# `resize` lives in kollama/resize.py (it needs llama's checkpoint I/O). It relies on what `merge` guarantees:
+# ids 0..base_size-1 keep their pieces, Korean pieces are appended after them, padding pieces are UNUSED.
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -431,12 +430,23 @@ def _stats_cli(*tokenizers, text, field: str = "text", max_lines: Optional[int] 
     print(stats_table(stats(*tokenizers, text=text, field=field, max_lines=max_lines)))
 
 
+def _resize_cli(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite: bool = False) -> None:
+    """Grow a checkpoint to an expanded tokenizer: resize CKPT_DIR NEW_TOKENIZER OUT_DIR [--old_tokenizer T]"""
+    from kollama.resize import resize
+
+    info = resize(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=old_tokenizer, overwrite=overwrite)
+    print(f"resized {info['old_vocab']} -> {info['new_vocab']} rows ({info['shards']} shard(s)): "
+          f"{info['mean_of_pieces']} new rows from their old pieces, {info['global_mean']} from the global mean "
+          f"-> {info['out']}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import fire
     try:
-        fire.Fire({"train": _train_cli, "merge": _merge_cli, "stats": _stats_cli}, command=argv,
+        fire.Fire({"train": _train_cli, "merge": _merge_cli, "stats": _stats_cli, "resize": _resize_cli},
+                  command=argv,
                   name="python -m kollama.vocab")
-    except VocabError as e:
+    except (VocabError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
