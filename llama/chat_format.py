@@ -83,7 +83,7 @@ def encode_dialog_turns(tokenizer, dialog: Dialog) -> List[Tuple[List[int], List
     The whole turn is encoded as one string (so ids match ``encode_dialog_prompt``) and split where the prompt's
     own encoding ends; answer_ids ends with EOS. A dialog must end with an assistant message.
     """
-    pairs, last = turn_texts(dialog, last_role="assistant")
+    pairs, _ = turn_texts(dialog, last_role="assistant")
     out = []
     for prompt, answer in pairs:
         full = tokenizer.encode(prompt + answer, bos=True, eos=True)
