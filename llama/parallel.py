@@ -16,6 +16,7 @@ has to know which collective runs where.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import List, Optional
 
@@ -44,6 +45,14 @@ def init_distributed(backend: Optional[str] = None) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
+    # We started the group, so we end it: a process that exits with gloo's threads still running aborts
+    # ("terminate called without an active exception") after all its work is done.
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def initialize_model_parallel(model_parallel_size: int) -> None:
