@@ -14,7 +14,8 @@ setup(
         # (sentencepiece ships the generated module but not the runtime); only that command imports it.
         "vocab": ["protobuf"],
         # Test references, never imported by llama/ or kollama/ at run time: transformers (LlamaForCausalLM logits),
-        # torchao (NF4 codes). torchao declares no requirements, so it cannot replace an installed torch.
-        "test": ["pytest", "transformers", "protobuf", "torchao"],
+        # torchao (NF4 codes), peft (LoRA training and adapter export). torch is installed first (README), so
+        # their torch requirement is already met and no other torch build is pulled.
+        "test": ["pytest", "transformers", "protobuf", "torchao", "peft"],
     },
 )
