@@ -13,9 +13,11 @@ setup(
         # protobuf: `kollama.vocab merge` edits SentencePiece's ModelProto, which needs the protobuf runtime
         # (sentencepiece ships the generated module but not the runtime); only that command imports it.
         "vocab": ["protobuf"],
+        # tqdm draws progress bars for conversion, training and evaluation; without it they print plain counters.
+        "progress": ["tqdm"],
         # Test references, never imported by llama/ or kollama/ at run time: transformers (LlamaForCausalLM logits),
         # torchao (NF4 codes), peft (LoRA training and adapter export). torch is installed first (README), so
         # their torch requirement is already met and no other torch build is pulled.
-        "test": ["pytest", "transformers", "protobuf", "torchao", "peft"],
+        "test": ["pytest", "transformers", "protobuf", "torchao", "peft", "tqdm"],
     },
 )

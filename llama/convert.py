@@ -3,6 +3,11 @@
   llama2c IN.bin OUT_DIR [--tokenizer T.model] [--fmt safetensors|pth] [--mp N]   llama2.c legacy .bin -> Meta folder
   to_llama2c CKPT_DIR OUT.bin                                                      Meta folder -> llama2.c .bin
   reshard SRC DST --mp N [--fmt ...]                                               any shard count -> N shards
+  hf_to_meta SRC DST [--mp N] [--fmt safetensors|pth] [--overwrite]                HF folder -> Meta folder
+  meta_to_hf SRC DST [--dtype float32|bfloat16|float16] [--max_shard_size 5GB]    Meta folder -> HF folder
+             [--tokenizer T.model] [--max_position_embeddings 4096] [--overwrite]
+(hf-to-meta and meta-to-hf are the same commands.) Conversions stream one tensor at a time and write to a temporary
+folder beside DST that is renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Optional
 import fire
 
 from llama import checkpoint as ckpt
+from llama import hf
 from llama.llama2c import read_llama2c, write_llama2c
 
 
@@ -48,7 +54,27 @@ def reshard(src: str, dst: str, mp: int, fmt: Optional[str] = None, overwrite: b
     return str(out)
 
 
-COMMANDS = {"llama2c": llama2c, "to_llama2c": to_llama2c, "reshard": reshard}
+def hf_to_meta(src: str, dst: str, mp: int = 1, fmt: str = "safetensors", overwrite: bool = False) -> str:
+    """Convert a Hugging Face Llama folder (config.json + safetensors) into a Meta folder of ``mp`` shards."""
+    out = hf.hf_to_meta(src, dst, mp=mp, fmt=fmt, overwrite=overwrite)
+    print(f"wrote {out} ({mp} shard{'s' if mp > 1 else ''}, {fmt})")
+    return str(out)
+
+
+def meta_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size: str = "5GB",
+               overwrite: bool = False, tokenizer: Optional[str] = None,
+               max_position_embeddings: int = hf.DEFAULT_MAX_POSITIONS) -> str:
+    """Convert a Meta folder (any shard count) into a Hugging Face folder loadable by LlamaForCausalLM."""
+    out = hf.meta_to_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                        tokenizer=tokenizer, max_position_embeddings=max_position_embeddings)
+    if not (out / hf.TOKENIZER_FILE).is_file():
+        print(f"note: no tokenizer.model in {src}; pass --tokenizer to include one")
+    print(f"wrote {out}")
+    return str(out)
+
+
+COMMANDS = {"llama2c": llama2c, "to_llama2c": to_llama2c, "reshard": reshard, "hf_to_meta": hf_to_meta,
+            "hf-to-meta": hf_to_meta, "meta_to_hf": meta_to_hf, "meta-to-hf": meta_to_hf}
 
 
 def main():
