@@ -15,9 +15,12 @@ setup(
         "vocab": ["protobuf"],
         # tqdm draws progress bars for conversion, training and evaluation; without it they print plain counters.
         "progress": ["tqdm"],
+        # kollama.evaluate scores translations with sacrebleu (the standard chrF++/BLEU implementation, so numbers
+        # compare with published ones); kollama.report draws charts with matplotlib (Markdown only without it).
+        "eval": ["sacrebleu>=2.4", "matplotlib>=3.7"],
         # Test references, never imported by llama/ or kollama/ at run time: transformers (LlamaForCausalLM logits),
         # torchao (NF4 codes), peft (LoRA training and adapter export). torch is installed first (README), so
         # their torch requirement is already met and no other torch build is pulled.
-        "test": ["pytest", "transformers", "protobuf", "torchao", "peft", "tqdm"],
+        "test": ["pytest", "transformers", "protobuf", "torchao", "peft", "tqdm", "sacrebleu>=2.4", "matplotlib>=3.7"],
     },
 )

@@ -1,0 +1,397 @@
+"""Training data: readers, prompt templates, label masking, cutoff, packing, batching.
+
+Readers (``read_rows``) accept
+* ``.jsonl`` (one JSON object per line) and ``.json`` (a top-level array of objects; a ``.json`` file that does not
+  start with ``[`` is read as JSONL, as many "json" instruction sets are);
+* ``.txt`` (one document per line, blank lines skipped).
+A row is an *instruction* (``instruction`` [+ ``input``] + ``output``: kullm-v2 / KoAlpaca / Alpaca; KULLM's eval
+layout with ``instances: [{input, output}]`` expands to one row per instance), a *chat* (``messages: [{role,
+content}]`` or ShareGPT ``conversations: [{from, value}]`` with human->user, gpt->assistant, system->system) or
+*text* (``text_field`` of a JSON row, or a line of a .txt file). Malformed rows are reported as ``file:line: why``,
+skipped and counted; no usable row at all is an error.
+
+Templates (``encode_row``): ``kullm`` and ``alpaca`` are the exact prompt strings of KULLM and Stanford Alpaca;
+``llama2-chat`` goes through ``llama.chat_format.encode_dialog_turns``, so training formats a dialog exactly as
+``chat_completion`` does at inference; ``text`` trains on every token (continued pretraining). Every example starts
+with BOS and its response ends with EOS. Labels are aligned with ``input_ids`` (the loss shifts them) and are -100
+(ignored) on prompt tokens unless ``train_on_inputs``; the leading BOS is always -100 (nothing predicts it).
+
+Packing (``pack``) concatenates examples into rows of at most ``block_size`` tokens and records a segment id per
+token; ``collate`` turns the segments into a block-diagonal causal mask, so no token attends across an example
+boundary. Positions are *not* restarted per example: the model applies rotary embeddings by absolute position
+0..S-1 of the packed row. Because RoPE makes q.k depend only on the position *difference*, and attention never
+crosses a boundary, the logits equal those of the example alone at positions 0..n-1 up to float rounding
+(tests/test_data.py checks this), so no per-token position input is needed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from llama.chat_format import encode_dialog_turns
+
+log = logging.getLogger("kollama.data")
+
+IGNORE_INDEX = -100
+PAD_ID = 0  # input pad id (Llama's tokenizer has no pad piece); padded positions always carry label -100
+
+# KULLM (nlpai-lab/KULLM templates/kullm.json), verbatim.
+KULLM_PROMPT_NO_INPUT = (
+    "아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+    "### 명령어:\n{instruction}\n\n### 응답:\n"
+)
+KULLM_PROMPT_INPUT = (
+    "아래는 작업을 설명하는 명령어와 추가 컨텍스트를 제공하는 입력이 짝을 이루는 예제입니다. "
+    "요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+    "### 명령어:\n{instruction}\n\n### 입력:\n{input}\n\n### 응답:\n"
+)
+# Stanford Alpaca (train.py PROMPT_DICT), verbatim.
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPTS = {"kullm": (KULLM_PROMPT_NO_INPUT, KULLM_PROMPT_INPUT),
+           "alpaca": (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_INPUT)}
+TEMPLATES = ("kullm", "alpaca", "llama2-chat", "text")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+MAX_LOGGED = 20  # skipped rows logged one by one; the rest only counted
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and what to change."""
+
+
+class BadRow(ValueError):
+    """One malformed row (caught, reported with file:line, skipped)."""
+
+
+@dataclass
+class Row:
+    source: str  # "path:line", for messages
+    kind: str  # "instruction" | "chat" | "text"
+    value: object  # dict(instruction, input, output) | list of {role, content} | str
+
+
+@dataclass
+class Example:
+    input_ids: List[int]
+    labels: List[int]
+    segments: Optional[List[int]] = None  # per-token example index within a packed row; None = one example
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0  # non-blank records read, malformed ones included
+    skipped: List[str] = field(default_factory=list)  # "file:line: reason"
+    truncated: int = 0
+    no_target: int = 0  # dropped: nothing left to learn after truncation
+
+    def note_skip(self, message: str) -> None:
+        if len(self.skipped) < MAX_LOGGED:
+            log.warning("skipped %s", message)
+        self.skipped.append(message)
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows read, {len(self.skipped)} malformed rows skipped, {self.truncated} truncated "
+                f"to the cutoff length, {self.no_target} dropped with no target token left")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------------------
+def _iter_json_array(text: str, path: Path) -> Iterator[Tuple[int, object]]:
+    """(line, item) for each item of a top-level JSON array, with the line each item starts on."""
+    dec = json.JSONDecoder()
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file or convert it to JSONL") from e
+    if not isinstance(items, list):
+        raise DataError(f"{path}: a .json data file must hold an array of rows, got {type(items).__name__}")
+    # Walk the array again with raw_decode to learn where each item starts (json.loads keeps no positions).
+    pos, line, counted = text.index("[") + 1, 1, 0
+    for _ in items:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", counted, pos)
+        counted = pos
+        item, pos = dec.raw_decode(text, pos)
+        yield line, item
+
+
+def _iter_records(path: Path, text_field: str) -> Iterator[Tuple[int, object]]:
+    """(line number, parsed JSON value or str) of every non-blank record; a JSON syntax error yields BadRow."""
+    if path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    yield i, {text_field: line.rstrip("\r\n")}
+        return
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        yield from _iter_json_array(text, path)
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _string(row: dict, key: str, required: bool = True) -> str:
+    value = row.get(key, None)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"of type {type(value).__name__}, not a string"
+        raise BadRow(f"field {key!r} is {what}")
+    return value
+
+
+def _chat_messages(turns, source_key: str) -> List[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise BadRow(f"{source_key!r} must be a non-empty list of turns")
+    out = []
+    for t in turns:
+        if not isinstance(t, dict):
+            raise BadRow(f"a turn of {source_key!r} is a {type(t).__name__}, not an object")
+        if source_key == "conversations":
+            role = SHAREGPT_ROLES.get(t.get("from"))
+            if role is None:
+                raise BadRow(f"unknown ShareGPT speaker {t.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+            content = _string(t, "value")
+        else:
+            role, content = t.get("role"), _string(t, "content")
+            if role not in ("system", "user", "assistant"):
+                raise BadRow(f"unknown role {role!r}; expected system, user or assistant")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_record(record, text_field: str = "text") -> List[Tuple[str, object]]:
+    """(kind, value) items of one JSON record (several for KULLM's ``instances``); raises BadRow."""
+    if isinstance(record, BadRow):
+        raise record
+    if not isinstance(record, dict):
+        raise BadRow(f"a row must be a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return [("chat", _chat_messages(record["messages"], "messages"))]
+    if "conversations" in record:
+        return [("chat", _chat_messages(record["conversations"], "conversations"))]
+    if "instruction" in record:
+        instruction = _string(record, "instruction")
+        if "instances" in record:  # KULLM user-oriented eval layout
+            instances = record["instances"]
+            if not isinstance(instances, list) or not instances:
+                raise BadRow("'instances' must be a non-empty list of {input, output}")
+            rows = []
+            for inst in instances:
+                if not isinstance(inst, dict):
+                    raise BadRow("an item of 'instances' is not an object")
+                rows.append(("instruction", {"instruction": instruction, "input": _string(inst, "input", False),
+                                             "output": _string(inst, "output")}))
+            return rows
+        return [("instruction", {"instruction": instruction, "input": _string(record, "input", False),
+                                 "output": _string(record, "output")})]
+    if text_field in record:
+        return [("text", _string(record, text_field))]
+    raise BadRow(f"no known fields: expected 'instruction'+'output', 'messages', 'conversations' or {text_field!r}; "
+                 f"found {sorted(record)[:8]}")
+
+
+def read_rows(paths, text_field: str = "text", stats: Optional[DataStats] = None) -> List[Row]:
+    """Every usable row of the given files, in file order; malformed ones go to ``stats.skipped``."""
+    stats = stats if stats is not None else DataStats()
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows: List[Row] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"data file {str(path)!r} not found; pass existing .jsonl/.json/.txt files to --data")
+        for line, record in _iter_records(path, text_field):
+            stats.rows += 1
+            try:
+                items = parse_record(record, text_field)
+            except BadRow as e:
+                stats.note_skip(f"{path}:{line}: {e}")
+                continue
+            rows += [Row(f"{path}:{line}", kind, value) for kind, value in items]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Templates and labels
+# ---------------------------------------------------------------------------------------------------------------
+def format_prompt(template: str, instruction: str, input: str = "") -> str:
+    no_input, with_input = PROMPTS[template]
+    if input:
+        return with_input.format(instruction=instruction, input=input)
+    return no_input.format(instruction=instruction)
+
+
+def _split_encode(tokenizer, prompt: str, response: str) -> Tuple[List[int], List[int]]:
+    """(prompt_ids with BOS, response_ids with EOS), encoding prompt+response as one string (as the model will see
+    it after generating) and cutting where the prompt's own encoding ends. If the tokenizer merges across the
+    boundary, the first len(prompt_ids) tokens count as prompt (alpaca-lora's rule)."""
+    full = tokenizer.encode(prompt + response, bos=True, eos=True)
+    head = tokenizer.encode(prompt, bos=True, eos=False)
+    return full[: len(head)], full[len(head):]
+
+
+def encode_row(row: Row, tokenizer, template: str, train_on_inputs: bool = False) -> Example:
+    """Token ids and labels of one row under ``template``; raises BadRow when the row does not fit the template."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    if template == "text":
+        if row.kind != "text":
+            raise BadRow(f"template 'text' needs plain-text rows, got a {row.kind} row; use kullm, alpaca or "
+                         f"llama2-chat for it")
+        ids = tokenizer.encode(row.value, bos=True, eos=True)
+        return Example(ids, [IGNORE_INDEX] + ids[1:])  # BOS is never a target (see below)
+    if row.kind == "text":
+        raise BadRow(f"a plain-text row cannot fill template {template!r}; use --template text")
+    if template in PROMPTS:
+        if row.kind != "instruction":
+            raise BadRow(f"template {template!r} needs instruction/output rows, got a chat row; "
+                         f"use --template llama2-chat")
+        v = row.value
+        pieces = [_split_encode(tokenizer, format_prompt(template, v["instruction"], v["input"]), v["output"])]
+    else:  # llama2-chat
+        if row.kind == "instruction":
+            v = row.value
+            user = v["instruction"] + ("\n\n" + v["input"] if v["input"] else "")
+            dialog = [{"role": "user", "content": user}, {"role": "assistant", "content": v["output"]}]
+        else:
+            dialog = row.value
+        try:
+            pieces = encode_dialog_turns(tokenizer, dialog)
+        except ValueError as e:
+            raise BadRow(f"not a usable dialog ({e})") from None
+    ids, labels = [], []
+    for head, answer in pieces:
+        ids += head + answer
+        labels += (head if train_on_inputs else [IGNORE_INDEX] * len(head)) + answer
+    labels[0] = IGNORE_INDEX  # BOS is never predicted; in a packed row this keeps the previous example from
+    return Example(ids, labels)  # being trained to predict the next one's BOS across the boundary
+
+
+def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_inputs: bool = False,
+                  text_field: str = "text", stats: Optional[DataStats] = None) -> List[Example]:
+    """Read, template, truncate to ``cutoff_len``; logs a summary. Raises DataError when nothing is usable."""
+    if cutoff_len < 2:
+        raise DataError(f"cutoff_len must be >= 2 (a token and its target), got {cutoff_len}")
+    stats = stats if stats is not None else DataStats()
+    examples = []
+    for row in read_rows(paths, text_field, stats):
+        try:
+            ex = encode_row(row, tokenizer, template, train_on_inputs)
+        except BadRow as e:
+            stats.note_skip(f"{row.source}: {e}")
+            continue
+        if len(ex) > cutoff_len:
+            ex = Example(ex.input_ids[:cutoff_len], ex.labels[:cutoff_len])
+            stats.truncated += 1
+        if all(t == IGNORE_INDEX for t in ex.labels):
+            stats.no_target += 1
+            continue
+        examples.append(ex)
+    log.info("%s: %s", ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths)), stats.summary())
+    if len(stats.skipped) > MAX_LOGGED:
+        log.warning("... and %d more malformed rows", len(stats.skipped) - MAX_LOGGED)
+    if not examples:
+        first = f" (first problem: {stats.skipped[0]})" if stats.skipped else ""
+        raise DataError(f"no usable training examples in {paths} with template {template!r}: {stats.summary()}"
+                        f"{first}; check the file format and --template")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splitting, shuffling, packing, batching
+# ---------------------------------------------------------------------------------------------------------------
+def shuffled(items: Sequence, seed: int) -> list:
+    """A deterministic permutation (Python's Mersenne Twister, independent of torch's global RNG)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order]
+
+
+def split_dev(examples: List[Example], dev_fraction: float, seed: int) -> Tuple[List[Example], List[Example]]:
+    """(train, dev): a ``dev_fraction`` of the examples, at least one when the fraction is > 0, chosen by seed."""
+    if not 0 <= dev_fraction < 1:
+        raise DataError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+    if dev_fraction == 0:
+        return list(examples), []
+    n_dev = max(1, round(len(examples) * dev_fraction))
+    if n_dev >= len(examples):
+        raise DataError(f"{len(examples)} examples cannot give a dev split of {dev_fraction} and leave training "
+                        f"data; use more data, a smaller --dev_fraction or a separate --dev_data file")
+    mixed = shuffled(examples, seed)
+    return mixed[n_dev:], mixed[:n_dev]
+
+
+def pack(examples: Sequence[Example], block_size: int) -> List[Example]:
+    """Greedy, order-preserving packing into rows of <= block_size tokens; each row keeps per-token segment ids.
+    An example longer than block_size is cut to block_size (set cutoff_len <= block_size to avoid that)."""
+    rows: List[Example] = []
+    cur = Example([], [], [])
+    for ex in examples:
+        ids, labels = ex.input_ids[:block_size], ex.labels[:block_size]
+        if len(cur) + len(ids) > block_size:
+            rows.append(cur)
+            cur = Example([], [], [])
+        seg = cur.segments[-1] + 1 if cur.segments else 0
+        cur.input_ids += ids
+        cur.labels += labels
+        cur.segments += [seg] * len(ids)
+    if cur.input_ids:
+        rows.append(cur)
+    return rows
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) boolean: query i sees key j iff j <= i and both belong to the same example. Padding carries
+    segment -1, so a padded query sees the padding before it (never an empty row, which would give NaN)."""
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & causal)[:, None]
+
+
+def collate(rows: Sequence[Example], pad_id: int = PAD_ID) -> Dict[str, Optional[torch.Tensor]]:
+    """Right-padded ``tokens`` (pad_id), ``labels`` (-100 on padding) and ``mask``: None for unpacked rows (the
+    model's causal mask already keeps real tokens from seeing right padding), block-diagonal for packed rows."""
+    if not rows:
+        raise DataError("cannot collate an empty batch")
+    s = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), s), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), s), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((len(rows), s), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        tokens[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        segments[i, :n] = torch.tensor(r.segments) if r.segments is not None else 0
+    packed = any(r.segments is not None and len(set(r.segments)) > 1 for r in rows)
+    return {"tokens": tokens, "labels": labels, "mask": block_causal_mask(segments) if packed else None}
+
+
+def count_targets(rows: Sequence[Example]) -> int:
+    """Tokens that contribute to the loss (label != -100 at positions 1..), i.e. the loss's denominator."""
+    return sum(sum(1 for t in r.labels[1:] if t != IGNORE_INDEX) for r in rows)

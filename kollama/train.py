@@ -1,0 +1,515 @@
+"""Fine-tune Llama 2 (LoRA or full) on instruction, chat or plain-text data: ``python -m kollama.train``.
+
+  python -m kollama.train --ckpt_dir llama-2-7b --tokenizer_path tokenizer.model --data kullm-v2.jsonl \\
+      --template kullm --method lora --out_dir runs/kullm-lora
+  torchrun --nproc_per_node 4 -m kollama.train ... [--model_parallel_size 2]   # world = data x model parallel
+
+One optimizer step consumes ``micro_batch_size * gradient_accumulation_steps * data_parallel_size`` rows (examples,
+or packed blocks with ``--packing``). The loss is the mean over every target token of that global batch, so N
+processes give the same update as one process with the same global batch. Gradients are summed over the
+data-parallel group by an explicit bucketed all-reduce (not DDP): it composes with model parallelism and LoRA's
+frozen base without wrapping the model. The data order is a function of (seed, step), so the checkpoint's step
+*is* the data position, and ``--resume`` reproduces an uninterrupted run bit for bit on CPU.
+
+Output folder: ``config.json``, ``metrics.jsonl``, ``checkpoints/step-NNNNNN/`` (trainable weights per
+model-parallel rank, optimizer, scheduler, every rank's RNG; written to a temporary folder and renamed), and at
+the end ``adapter/`` (LoRA, loadable with ``kollama.lora.load_adapter``), ``model/`` (full fine-tuning, Meta
+layout) or ``merged/`` (LoRA merged into the base, Meta layout, with ``--merge``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kollama import data as D
+from llama.parallel import (ParallelEmbedding, ParallelLinear, destroy_model_parallel, get_data_parallel_group,
+                            get_data_parallel_rank, get_data_parallel_world_size, get_model_parallel_group,
+                            get_model_parallel_rank, get_model_parallel_src_rank, get_model_parallel_world_size,
+                            init_distributed, initialize_model_parallel)
+from kollama.checkpointing import (TrainingDiverged, latest_checkpoint, load_trainer_state, log_metrics,
+                                   save_trainer_state, truncate_metrics, write_json)
+from llama.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
+from llama.model import ModelArgs, Transformer
+
+log = logging.getLogger("kollama.train")
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: int) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens, divided by the global batch's target count."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=D.IGNORE_INDEX,
+                           reduction="sum") / denominator
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Linear warmup over ``warmup_steps`` (the first step already gets lr/warmup), then cosine to min_lr_ratio."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def all_reduce_grads(params: List[torch.nn.Parameter], group, bucket_bytes: int = 25 << 20) -> None:
+    """Sum gradients over the data-parallel group, a bucket of flattened grads per collective."""
+    if group is None:
+        return
+    bucket, size = [], 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p.grad)
+            size += p.grad.numel() * p.grad.element_size()
+        if bucket and (p is None or size >= bucket_bytes):
+            flat = torch.cat([g.flatten() for g in bucket])
+            dist.all_reduce(flat, group=group)
+            for g, piece in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(piece.view_as(g))
+            bucket, size = [], 0
+
+
+def is_model_parallel_sharded(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> bool:
+    """Whether ``param`` holds a different slice on each model-parallel rank (vs a replica on each).
+
+    An explicit ``param.model_parallel_sharded`` attribute wins; otherwise the dense weight of a parallel linear
+    or embedding is sharded, a LoRA factor is as its layer's ``shard_dims`` says (lora_A of a row-parallel layer,
+    lora_B of a column-parallel one), and everything else (norms) is replicated.
+    """
+    if get_model_parallel_world_size() == 1:
+        return False
+    explicit = getattr(param, "model_parallel_sharded", None)
+    if explicit is not None:
+        return bool(explicit)
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if isinstance(owner, (ParallelLinear, ParallelEmbedding)) and leaf == "weight":
+        return True
+    shard_dims = getattr(owner, "shard_dims", None)  # kollama.lora.LoRALinear: {"lora_A": dim or None, ...}
+    if isinstance(shard_dims, dict) and leaf in shard_dims:
+        return shard_dims[leaf] is not None
+    return False
+
+
+def clip_grad_norm(params, sharded_flags, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over all model-parallel ranks (sharded squares all-reduced over the MP group,
+    replicated ones counted once), and scaling of every gradient when it exceeds ``max_norm`` (0 = no clipping)."""
+    sq = torch.zeros(2, dtype=torch.float64, device=params[0].grad.device)  # [sharded, replicated]
+    for p, sharded in zip(params, sharded_flags):
+        sq[0 if sharded else 1] += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double() ** 2
+    total = (_all_reduce(sq[:1], get_model_parallel_group())[0] + sq[1]).sqrt()
+    if max_norm and max_norm > 0:
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
+        for p in params:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return total.float()
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, dtype: Optional[str], method: str):
+    """This model-parallel rank's model, loaded like ``Llama.build`` (meta device, then the rank's slices assigned).
+    Returns (model, the checkpoint's params dict for writing Meta folders)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    base_dtype = DTYPES[dtype] if dtype else (
+        torch.bfloat16 if device.type == "cuda" and method == "lora" else torch.float32)
+    checkpoint = open_checkpoint(ckpt_dir)
+    if tokenizer.n_words != checkpoint.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but {ckpt_dir} has "
+            f"{checkpoint.vocab_size} embedding rows; pass the tokenizer this model was trained with")
+    params = {**checkpoint.params, "max_seq_len": seq_len, "max_batch_size": 1, "vocab_size": checkpoint.vocab_size}
+    model = Transformer(ModelArgs(**params), device="meta", dtype=base_dtype)
+    state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(),
+                                        get_model_parallel_world_size())
+    # Full fine-tuning updates the tensors in place: copy them off the (memory-mapped) checkpoint.
+    state = {k: v.to(device=device, dtype=base_dtype, copy=method == "full") for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device, base_dtype)  # rope table (and a 1-row KV cache the training forward never uses)
+    model.requires_grad_(method == "full")
+    return model, dict(checkpoint.params)
+
+
+def trainable_named_parameters(model) -> list:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters; check --method and --lora_targets")
+    for _, p in named:  # optimizer state and updates in fp32 even over a bf16 base (autocast does the casting)
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return named
+
+
+def _as_list(x) -> List[str]:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return [str(v) for v in x]
+    return [s for s in str(x).split(",") if s]
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(
+    data,
+    ckpt_dir: str,
+    tokenizer_path: str,
+    out_dir: str,
+    method: str = "lora",
+    template: str = "kullm",
+    dev_data=None,
+    dev_fraction: float = 0.05,
+    text_field: str = "text",
+    train_on_inputs: bool = False,
+    cutoff_len: int = 512,
+    packing: bool = False,
+    block_size: Optional[int] = None,
+    micro_batch_size: int = 4,
+    gradient_accumulation_steps: int = 1,
+    epochs: float = 1.0,
+    max_steps: Optional[int] = None,
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    max_grad_norm: float = 1.0,
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_targets="wq,wv",
+    use_rslora: bool = False,
+    model_parallel_size: int = 1,
+    fsdp: bool = False,
+    activation_checkpointing: bool = False,
+    dtype: Optional[str] = None,
+    device: Optional[str] = None,
+    seed: int = 42,
+    eval_every: int = 50,
+    save_every: int = 100,
+    save_total_limit: int = 2,
+    log_every: int = 1,
+    resume=False,
+    stop_at_step: Optional[int] = None,
+    merge: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train and return a summary dict (steps, last loss, dev losses, output paths). See the module docstring.
+
+    ``resume``: True continues from the newest checkpoint in ``out_dir/checkpoints``, a path from that one.
+    ``stop_at_step``: end after that step (its checkpoint written) without final outputs, e.g. for time-limited
+    job slots; a later ``--resume`` continues. ``dtype``: of the frozen base weights (default fp32 on CPU, bf16
+    for LoRA on CUDA); trainable weights are always fp32, and CUDA runs under bf16 autocast.
+    """
+    if method not in ("lora", "full"):
+        raise ValueError(f"--method must be 'lora' or 'full', got {method!r}")
+    if fsdp:
+        raise NotImplementedError(
+            "--fsdp is not implemented yet. To fit a large model, use --method lora (the frozen base needs no "
+            "optimizer state) and/or split it with --model_parallel_size under torchrun")
+    if merge and method != "lora":
+        raise ValueError("--merge only applies to --method lora (full fine-tuning already writes model/)")
+    if micro_batch_size < 1 or gradient_accumulation_steps < 1:
+        raise ValueError("--micro_batch_size and --gradient_accumulation_steps must be >= 1")
+    block_size = block_size or cutoff_len
+    cutoff_len = min(cutoff_len, block_size) if packing else cutoff_len
+    seq_len = block_size if packing else cutoff_len
+
+    dev = torch.device(device) if device else (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else
+        torch.device("cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    started_group = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    init_distributed("nccl" if dev.type == "cuda" else "gloo")
+    initialize_model_parallel(model_parallel_size)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dp_rank, dp_size, dp_group = get_data_parallel_rank(), get_data_parallel_world_size(), get_data_parallel_group()
+    mp_rank = get_model_parallel_rank()
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    out = Path(out_dir)
+    try:
+        # ---- data (every rank reads it all: the order is a pure function of seed and step) ----
+        from llama.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(tokenizer_path)
+        stats = D.DataStats()
+        examples = D.load_examples(_as_list(data), tokenizer, template, cutoff_len,
+                                   train_on_inputs=train_on_inputs, text_field=text_field, stats=stats)
+        if dev_data:
+            train_ex = examples
+            dev_ex = D.load_examples(_as_list(dev_data), tokenizer, template, cutoff_len,
+                                     train_on_inputs=train_on_inputs, text_field=text_field)
+        else:
+            train_ex, dev_ex = D.split_dev(examples, dev_fraction, seed)
+        train_rows = D.pack(D.shuffled(train_ex, seed), block_size) if packing else train_ex
+        dev_rows = D.pack(dev_ex, block_size) if packing else dev_ex
+        say(f"data: {stats.summary()}; {len(train_ex)} train / {len(dev_ex)} dev examples"
+            + (f" packed into {len(train_rows)} blocks of <= {block_size} tokens" if packing else ""))
+        rows_per_rank = micro_batch_size * gradient_accumulation_steps
+        global_batch = rows_per_rank * dp_size
+        steps_per_epoch = len(train_rows) // global_batch
+        if steps_per_epoch == 0:
+            raise D.DataError(f"{len(train_rows)} training rows are fewer than one global batch of {global_batch} "
+                              f"(micro_batch_size x gradient_accumulation_steps x data-parallel size); "
+                              f"use more data or a smaller batch")
+        total_steps = int(max_steps) if max_steps else max(1, int(epochs * steps_per_epoch))
+        fingerprint = [len(train_rows), sum(map(len, train_rows)), len(dev_rows)]
+
+        # ---- model ----
+        torch.manual_seed(seed)  # identical init (LoRA factors) on every rank, so replicas agree
+        model, base_params = load_model(ckpt_dir, tokenizer, seq_len, dev, dtype, method)
+        if method == "lora":
+            from kollama import lora as L
+
+            model = L.apply_lora(model, targets=tuple(_as_list(lora_targets)), r=lora_r, alpha=lora_alpha,
+                                 dropout=lora_dropout, use_rslora=use_rslora)
+        named = trainable_named_parameters(model)
+        if method == "lora":
+            say(L.trainable_parameters_report(model))
+        if activation_checkpointing:
+            from torch.utils.checkpoint import checkpoint
+
+            for layer in model.layers:  # per-instance forward: parameter names (the state_dict) stay Meta's
+                layer.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(layer.forward)
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                                      foreach=dev.type == "cuda", fused=False)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, min_lr_ratio))
+        config = {k: v for k, v in locals().items() if k in TRAIN_ARGS}
+        config.update(data=_as_list(data), dev_data=_as_list(dev_data), lora_targets=_as_list(lora_targets),
+                      total_steps=total_steps, global_batch=global_batch, world_size=dp_size * model_parallel_size)
+
+        # ---- resume or start ----
+        ckpt_root = out / "checkpoints"
+        step = 0
+        if resume:
+            path = latest_checkpoint(ckpt_root) if resume is True else Path(resume)
+            if path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}; run without --resume to start")
+            step = load_trainer_state(path, model, named, optimizer, scheduler, config, fingerprint, rank, mp_rank)
+            say(f"resumed from {path} at step {step}")
+        else:
+            torch.manual_seed(seed + 1 + dp_rank)  # dropout: same on model-parallel peers, new per data shard
+            random.seed(seed + 1 + dp_rank)
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", config)
+            truncate_metrics(out / "metrics.jsonl", step)
+
+        # ---- loop ----
+        def rows_of(step_: int) -> List[D.Example]:
+            epoch, k = divmod(step_, steps_per_epoch)
+            order = D.shuffled(range(len(train_rows)), seed + epoch)
+            glob = order[k * global_batch:(k + 1) * global_batch]
+            return [train_rows[i] for i in glob[dp_rank * rows_per_rank:(dp_rank + 1) * rows_per_rank]]
+
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else \
+            contextlib.nullcontext
+
+        def forward_loss(rows, denominator):
+            batch = D.collate(rows)
+            mask = batch["mask"].to(dev) if batch["mask"] is not None else None
+            with autocast():
+                logits = model(batch["tokens"].to(dev), 0, use_cache=False, mask=mask)
+            return token_loss(logits, batch["labels"].to(dev), denominator)
+
+        def dev_loss() -> Optional[float]:
+            if not dev_rows:
+                return None
+            model.eval()
+            mine = dev_rows[dp_rank::dp_size]
+            sums = torch.zeros(2, dtype=torch.float64, device=dev)
+            with torch.no_grad():
+                for i in range(0, len(mine), micro_batch_size):
+                    chunk = mine[i:i + micro_batch_size]
+                    sums[0] += forward_loss(chunk, 1).double()
+                    sums[1] += D.count_targets(chunk)
+            model.train()
+            sums = _all_reduce(sums, dp_group)
+            return (sums[0] / sums[1]).item()
+
+        bar = _progress(total_steps, step, progress and is_main)
+        history = {"dev_loss": [], "loss": []}
+        if step == 0 and eval_every:
+            history["dev_loss"].append((0, dev_loss()))
+            log_metrics(out, is_main, {"step": 0, "dev_loss": history["dev_loss"][-1][1]})
+            say(f"step 0: dev loss {history['dev_loss'][-1][1]}")
+        model.train()
+        params = [p for _, p in named]
+        sharded_flags = [is_model_parallel_sharded(model, n, p) for n, p in named]
+        while step < total_steps:
+            t0 = time.perf_counter()
+            rows = rows_of(step)
+            counts = torch.tensor([D.count_targets(rows), sum(map(len, rows))], dtype=torch.float64, device=dev)
+            n_targets, n_tokens = _all_reduce(counts, dp_group).tolist()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            for i in range(0, len(rows), micro_batch_size):
+                loss = forward_loss(rows[i:i + micro_batch_size], max(1, int(n_targets)))
+                loss.backward()
+                loss_sum += loss.detach().double()
+            for p in params:
+                if p.grad is None:  # unused this step: zeros keep the collectives aligned across ranks
+                    p.grad = torch.zeros_like(p)
+            all_reduce_grads(params, dp_group)
+            loss_value = _all_reduce(loss_sum, dp_group).item()
+            grad_norm = clip_grad_norm(params, sharded_flags, max_grad_norm).item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                last = latest_checkpoint(ckpt_root)
+                log_metrics(out, is_main, {"step": step + 1, "event": "diverged", "loss": loss_value,
+                                            "grad_norm": grad_norm})
+                raise TrainingDiverged(
+                    f"step {step + 1}: loss is {loss_value}, gradient norm {grad_norm}; training stopped before "
+                    f"the update. The last good checkpoint is {last or 'none (none was saved yet)'}; lower --lr, "
+                    f"raise --warmup_steps or --max_grad_norm's strictness, check the data, then --resume")
+            current_lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            history["loss"].append((step, loss_value))
+            if log_every and step % log_every == 0:
+                log_metrics(out, is_main, {"step": step, "loss": loss_value, "lr": current_lr,
+                                            "grad_norm": grad_norm, "tokens_per_s": n_tokens / elapsed,
+                                            "memory_mb": _memory_mb(dev)})
+            if eval_every and (step % eval_every == 0 or step == total_steps):
+                history["dev_loss"].append((step, dev_loss()))
+                log_metrics(out, is_main, {"step": step, "dev_loss": history["dev_loss"][-1][1]})
+                say(f"step {step}: dev loss {history['dev_loss'][-1][1]}")
+            bar.update(1, loss_value)
+            if (save_every and step % save_every == 0) or step == stop_at_step:
+                save_trainer_state(ckpt_root, step, model, named, optimizer, scheduler, config, fingerprint,
+                                   rank, mp_rank, dp_rank, save_total_limit)
+            if step == stop_at_step:
+                break
+        bar.close()
+
+        # ---- outputs ----
+        outputs = {}
+        if step == total_steps:
+            outputs = _write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_path, config,
+                                     dp_rank)
+        summary = {"step": step, "total_steps": total_steps, "loss": history["loss"],
+                   "dev_loss": history["dev_loss"], "outputs": outputs, "skipped_rows": len(stats.skipped),
+                   "truncated": stats.truncated}
+        return summary
+    finally:
+        if started_group:
+            destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+TRAIN_ARGS = set(train.__code__.co_varnames[:train.__code__.co_argcount]) - {"progress"}
+
+
+def _write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_path, config, dp_rank) -> dict:
+    """adapter/ (LoRA), merged/ (LoRA + --merge) or model/ (full): Meta layout, one shard per model-parallel rank.
+    Every rank calls this (save_adapter is collective); data-parallel replicas hold equal weights, so only the
+    first model-parallel group gathers and writes the Meta folders."""
+    outputs = {}
+    if method == "lora":
+        from kollama import lora as L
+
+        extra = {k: config[k] for k in ("template", "cutoff_len", "train_on_inputs", "total_steps", "seed")}
+        L.save_adapter(model, out / "adapter", {"base_model": str(ckpt_dir), "tokenizer": str(tokenizer_path), **extra})
+        outputs["adapter"] = str(out / "adapter")
+        if merge:
+            L.merge_lora(model)
+            _write_meta(out / "merged", L.base_state_dict(model), base_params, tokenizer_path, dp_rank)
+            outputs["merged"] = str(out / "merged")
+    else:
+        _write_meta(out / "model", model.state_dict(), base_params, tokenizer_path, dp_rank)
+        outputs["model"] = str(out / "model")
+    return outputs
+
+
+def _write_meta(dst: Path, local_state: dict, params: dict, tokenizer_path: str, dp_rank: int) -> None:
+    """Gather every model-parallel rank's shard on the group's first rank and write them as consolidated.NN."""
+    if dp_rank == 0:
+        local = {k: v.detach().to("cpu") for k, v in local_state.items()}
+        group = get_model_parallel_group()
+        if group is None:
+            shards = [local]
+        else:
+            shards = [None] * get_model_parallel_world_size() if get_model_parallel_rank() == 0 else None
+            dist.gather_object(local, shards, dst=get_model_parallel_src_rank(), group=group)
+        if get_model_parallel_rank() == 0:
+            write_checkpoint(dst, params, (iter(s.items()) for s in shards), overwrite=True,
+                             extra_files=[Path(tokenizer_path)])
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _progress:
+    """tqdm when installed and wanted, else a plain line every 10 %."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.total, self.n, self.enabled, self.bar = total, initial, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int, loss: float) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif self.enabled and (self.n == self.total or self.n % max(1, self.total // 10) == 0):
+            print(f"step {self.n}/{self.total} loss {loss:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@functools.wraps(train)
+def cli(*args, **kwargs) -> None:
+    """``train`` for the command line: one summary line from rank 0 instead of fire printing the dict per rank."""
+    s = train(*args, **kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = s["loss"][-1][1] if s["loss"] else None
+        dev = s["dev_loss"][-1][1] if s["dev_loss"] else None
+        print(f"done: step {s['step']}/{s['total_steps']}, loss {last}, dev loss {dev}, outputs {s['outputs']}")
+
+
+def main():
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    fire.Fire(cli)
+
+
+if __name__ == "__main__":
+    main()
