@@ -16,6 +16,9 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
+    stream: bool = False,
+    quantize: Optional[str] = None,
+    compile: bool = False,
 ):
     """
     Answer a few sample dialogs with a chat model.
@@ -28,12 +31,17 @@ def main(
         max_seq_len: maximum prompt + generation length (sizes the KV cache).
         max_batch_size: maximum number of dialogs at once (sizes the KV cache).
         max_gen_len: maximum number of generated tokens; None = up to max_seq_len - 1.
+        stream: print each reply as it is generated (one dialog at a time), instead of batched at the end.
+        quantize: None, "int8" or "int4" (weight-only, applied after loading).
+        compile: torch.compile the decode step.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
+        compile=compile,
     )
 
     dialogs: List[Dialog] = [
@@ -81,6 +89,16 @@ If a question does not make any sense, or is not factually coherent, explain why
             }
         ],
     ]
+    if stream:
+        for dialog in dialogs:
+            for msg in dialog:
+                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print("> Assistant: ", end="", flush=True)
+            for delta in generator.stream_chat(dialog, max_gen_len=max_gen_len, temperature=temperature,
+                                               top_p=top_p):
+                print(delta, end="", flush=True)
+            print("\n\n==================================\n")
+        return
     results = generator.chat_completion(
         dialogs,  # type: ignore
         max_gen_len=max_gen_len,

@@ -1,7 +1,7 @@
 # Text completion with a pretrained Llama 2 (or any converted Llama-architecture) checkpoint.
 # Runs as `python example_text_completion.py --ckpt_dir D --tokenizer_path T` (CPU or one GPU) or under
 # `torchrun --nproc_per_node N example_text_completion.py ...` (N model-parallel processes, any shard count).
-from typing import List
+from typing import List, Optional
 
 import fire
 
@@ -16,6 +16,9 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
+    stream: bool = False,
+    quantize: Optional[str] = None,
+    compile: bool = False,
 ):
     """
     Generate continuations of a few sample prompts.
@@ -28,12 +31,17 @@ def main(
         max_seq_len: maximum prompt + generation length (sizes the KV cache).
         max_gen_len: maximum number of generated tokens.
         max_batch_size: maximum number of prompts at once (sizes the KV cache).
+        stream: print each completion as it is generated (one prompt at a time), instead of batched at the end.
+        quantize: None, "int8" or "int4" (weight-only, applied after loading).
+        compile: torch.compile the decode step.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
+        compile=compile,
     )
 
     prompts: List[str] = [
@@ -53,6 +61,15 @@ def main(
         plush girafe => girafe peluche
         cheese =>""",
     ]
+    if stream:
+        for prompt in prompts:
+            print(prompt)
+            print("> ", end="", flush=True)
+            for delta in generator.stream_text(prompt, max_gen_len=max_gen_len, temperature=temperature,
+                                               top_p=top_p):
+                print(delta, end="", flush=True)
+            print("\n\n==================================\n")
+        return
     results = generator.text_completion(
         prompts,
         max_gen_len=max_gen_len,

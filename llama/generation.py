@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import List, Optional, Tuple, TypedDict
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ from llama.parallel import (
     init_distributed,
     initialize_model_parallel,
 )
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -66,11 +66,23 @@ class Llama:
         *,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        quantize: Optional[str] = None,
+        compile: bool = False,
+        num_threads: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint (any shard count) onto this process's model-parallel rank and return a generator.
 
         Starts torch.distributed only under torchrun with more than one process (gloo on CPU, nccl on CUDA).
+        ``quantize``: None, "int8" (per-channel weights, CPU and CUDA) or "int4" (groupwise; CUDA, and CPU where
+        PyTorch has its int4 CPU kernels), applied to this rank's shard after loading (see ``llama.quantize``).
+        ``compile``: torch.compile the single-token decode step (CUDA graphs on GPUs); same outputs as eager.
+        ``num_threads``: calls ``torch.set_num_threads`` (process-wide) only when given; by default PyTorch's own
+        choice (one thread per physical core, or OMP_NUM_THREADS) is left alone.
         """
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            torch.set_num_threads(num_threads)
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be >= 1")
         device = torch.device(device) if device is not None else default_device()
@@ -102,16 +114,27 @@ class Llama:
         model.load_state_dict(state, strict=True, assign=True)
         model.init_buffers(device, dtype)
         model.requires_grad_(False).eval()
-        print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed)
+        if quantize is not None:
+            from llama.quantize import quantize_model
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+            quantize_model(model, quantize)
+        print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        return Llama(model, tokenizer, seed=seed, compile=compile)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         # A private generator: sampling never touches torch's global RNG.
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._decode_step = None
+        if compile:
+            # Only the single-token step is compiled: its shapes are static (see Transformer.decode_step), so it
+            # is traced once per batch size; prefill stays eager. On CUDA, "reduce-overhead" replays the step as a
+            # CUDA graph, removing the per-kernel launch cost that dominates small-batch decode.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
 
     # -----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -126,6 +149,12 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt. Returns the generated ids (with the prompt when ``echo``), cut at the first
         generated EOS, and optionally the log-probability of each returned token given the ones before it."""
+        run = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        for _ in self._steps(run):
+            pass
+        return self._finish(run, echo)
+
+    def _start(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs) -> "_Run":
         params = self.model.params
         check_sampling(temperature, top_p)
         if not prompt_tokens:
@@ -146,57 +175,161 @@ class Llama:
             )
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        min_prompt_len, max_prompt_len = min(lengths), max(lengths)
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        return _Run(prompt_tokens, lengths, min(params.max_seq_len, max_gen_len + max(lengths)), max_gen_len,
+                    temperature, top_p, logprobs, self.device)
 
-        pad = -1  # never fed to the model: only positions < cur_pos are read, and those are all filled
-        tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=self.device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
-        positions = torch.arange(total_len, device=self.device)
-        prompt_len = torch.tensor(lengths, device=self.device)
-        input_text_mask = positions[None, :] < prompt_len[:, None]
-        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=self.device) if logprobs else None
+    def _steps(self, run: "_Run"):
+        """Decode ``run`` one position at a time, yielding each position after its tokens are written.
 
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        The consumer may set ``run.stopped[k] = True`` (a stop string was found) to end row k early; the loop ends
+        when every row has generated EOS or stopped. Per step this costs the model call, the sampler and one
+        host sync (the all-done check); rows still inside their prompt are only special-cased while there are any.
+        """
+        min_prompt_len, max_prompt_len = min(run.lengths), max(run.lengths)
+        if min_prompt_len == run.total_len:  # nothing to generate: score the prompts (logit[t] scores token[t+1])
+            if run.logprobs:
+                tokens, pad = run.tokens, _Run.PAD
+                with torch.inference_mode():
+                    logits = self.model.forward(tokens, 0)
+                    run.token_logprobs[:, 1:] = -F.cross_entropy(
+                        logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad
+                    )
+            return
+        eos_reached = torch.zeros(run.bsz, dtype=torch.bool, device=self.device)
+        use_step = self._decode_step is not None and not run.logprobs
+        positions = torch.arange(run.total_len, device=self.device)
         prev_pos = 0
-        if min_prompt_len == total_len:  # nothing to generate: score the prompts (logit[t] scores token[t+1])
-            logits = self.model.forward(tokens, 0)
-            if logprobs:
-                token_logprobs[:, 1:] = -F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad
-                )
-        for cur_pos in range(min_prompt_len, total_len):
-            h = self.model.hidden_states(tokens[:, prev_pos:cur_pos], prev_pos)
-            # Only the last position is needed to sample; every position only when log-probs are asked for.
-            logits = self.model.output(h if logprobs else h[:, -1:]).float()
-            next_token = self.sample(logits[:, -1], temperature, top_p)
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=pad
-                )
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+        for cur_pos in range(min_prompt_len, run.total_len):
+            with torch.inference_mode():
+                done = self._step(run, cur_pos, prev_pos, eos_reached, positions, use_step, max_prompt_len)
             prev_pos = cur_pos
-            if bool(eos_reached.all()):
+            yield cur_pos
+            if run.any_stopped:
+                done = bool((eos_reached | run.stopped).all())
+            if done:
                 break
 
+    def _step(self, run, cur_pos, prev_pos, eos_reached, positions, use_step, max_prompt_len) -> bool:
+        """Feed tokens[prev_pos:cur_pos], sample tokens[:, cur_pos]; True when every row has generated EOS."""
+        tokens, pad, eos = run.tokens, _Run.PAD, self.tokenizer.eos_id
+        if use_step and cur_pos - prev_pos == 1:
+            logits = self._decode_step(tokens[:, prev_pos:cur_pos], positions[prev_pos:cur_pos])
+        else:
+            h = self.model.hidden_states(tokens[:, prev_pos:cur_pos], prev_pos)
+            # Only the last position is needed to sample; every position only when log-probs are asked for.
+            logits = self.model.output(h if run.logprobs else h[:, -1:]).float()
+            if run.logprobs:
+                run.token_logprobs[:, prev_pos + 1 : cur_pos] = -F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos], reduction="none",
+                    ignore_index=pad)
+            logits = logits[:, -1]
+        next_token = self.sample(logits, run.temperature, run.top_p)
+        if cur_pos < max_prompt_len:  # some rows are still reading their prompt: keep those tokens
+            in_prompt = run.prompt_len > cur_pos
+            next_token = torch.where(in_prompt, tokens[:, cur_pos], next_token)
+            eos_reached |= ~in_prompt & (next_token == eos)
+        else:
+            eos_reached |= next_token == eos
+        tokens[:, cur_pos] = next_token
+        if run.logprobs:
+            run.token_logprobs[:, cur_pos] = -F.cross_entropy(logits, next_token, reduction="none")
+        return bool(eos_reached.all())  # the one host sync per step
+
+    def _finish(self, run: "_Run", echo: bool) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         out_tokens, out_logprobs = [], []
-        all_logprobs = token_logprobs.tolist() if logprobs else None
-        for i, toks in enumerate(tokens.tolist()):
-            start = 0 if echo else lengths[i]
-            end = min(lengths[i] + max_gen_len, total_len)
-            generated = toks[lengths[i] : end]
+        all_logprobs = run.token_logprobs.tolist() if run.logprobs else None
+        pad, eos = _Run.PAD, self.tokenizer.eos_id
+        for i, toks in enumerate(run.tokens.tolist()):
+            n = run.lengths[i]
+            start = 0 if echo else n
+            end = min(n + run.max_gen_len, run.total_len)
+            generated = toks[n:end]
             # EOS counts only where it was generated: a prompt may contain EOS (finished chat turns).
             if pad in generated:
-                end = lengths[i] + generated.index(pad)
+                end = n + generated.index(pad)
                 generated = generated[: generated.index(pad)]
-            if self.tokenizer.eos_id in generated:
-                end = lengths[i] + generated.index(self.tokenizer.eos_id)
+            if eos in generated:
+                end = n + generated.index(eos)
+            if run.keep[i] is not None:  # a stop string ended this row
+                end = min(end, n + run.keep[i])
             out_tokens.append(toks[start:end])
-            out_logprobs.append(all_logprobs[i][start:end] if logprobs else None)
-        return out_tokens, (out_logprobs if logprobs else None)
+            out_logprobs.append(all_logprobs[i][start:end] if run.logprobs else None)
+        return out_tokens, (out_logprobs if run.logprobs else None)
+
+    def _generate_until(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop):
+        """generate() that also ends each row at its first stop string; returns (tokens, logprobs, texts).
+
+        ``texts[k]`` is the generated text cut just before the stop string (None without stop strings). The
+        tokens of a stopped row end with the token that completed its stop string."""
+        stop = normalize_stop(stop)
+        run = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        streams = [TextStream(self.tokenizer, stop) for _ in prompt_tokens] if stop else None
+        for cur_pos in self._steps(run):
+            if not streams:
+                continue
+            new = run.tokens[:, cur_pos].tolist()  # one host copy per step, only when there are stop strings
+            for k, st in enumerate(streams):
+                if st.stopped or st.finished or cur_pos < run.lengths[k]:
+                    continue
+                if new[k] == self.tokenizer.eos_id:
+                    st.finished = True
+                    continue
+                st.push(new[k])
+                if st.stopped:
+                    run.stop_row(k, cur_pos + 1 - run.lengths[k])
+        tokens, lps = self._finish(run, echo)
+        texts = None
+        if stop:
+            texts = []
+            for k, t in enumerate(tokens):
+                text = self.tokenizer.decode(t)
+                # With echo only the generated part is searched (decoded together with the prompt, as Meta's echo).
+                start = len(self.tokenizer.decode(prompt_tokens[k])) if echo else 0
+                texts.append(text[:start] + cut_at_stop(text[start:], stop))
+        return tokens, lps, texts
+
+    # -----------------------------------------------------------------------------------------------------------
+    def stream_text(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
+        """Yield the completion of ``prompt`` as text deltas (whole UTF-8 characters), ending before the first
+        stop string. ``"".join(stream_text(...))`` equals ``text_completion([prompt], ...)[0]["generation"]``."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        yield from self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p,
+                                max_gen_len, stop)
+
+    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
+        """Yield the assistant's reply to ``dialog`` as text deltas; the same text as ``chat_completion``."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        if has_special_tags(dialog):
+            yield UNSAFE_ERROR
+            return
+        yield from self._stream(encode_dialog_prompt(self.tokenizer, dialog), temperature, top_p, max_gen_len,
+                                stop)
+
+    def _stream(self, prompt: List[int], temperature, top_p, max_gen_len, stop) -> Iterator[str]:
+        stream = TextStream(self.tokenizer, normalize_stop(stop))
+        # No inference_mode around the yields: it would stay switched on in the consumer's code between deltas.
+        # _steps enters it around each model call instead.
+        run = self._start([prompt], max_gen_len, temperature, top_p, False)
+        steps = self._steps(run)
+        try:
+            for cur_pos in steps:
+                token = int(run.tokens[0, cur_pos])
+                if token == self.tokenizer.eos_id:
+                    break
+                delta = stream.push(token)
+                if delta:
+                    yield delta
+                if stream.stopped:
+                    break
+        finally:
+            steps.close()  # stop decoding now: a consumer that breaks out of the stream costs no more steps
+        rest = stream.flush()
+        if rest:
+            yield rest
 
     def sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
         """One token per row: argmax at temperature 0, else top-p sampling of softmax(logits / temperature).
@@ -220,20 +353,23 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        stop: Optional[Sequence[str]] = None,
     ) -> List[CompletionPrediction]:
+        """Meta's text_completion, plus ``stop``: strings that end a generation, cut just before the first one to
+        complete (with ``echo`` the prompt text is not searched)."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
-        )
+        generation_tokens, generation_logprobs, texts = self._generate_until(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop)
+        if texts is None:
+            texts = [self.tokenizer.decode(t) for t in generation_tokens]
         if logprobs:
             return [
-                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
-                 "logprobs": lp}
-                for t, lp in zip(generation_tokens, generation_logprobs)
+                {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for text, t, lp in zip(texts, generation_tokens, generation_logprobs)
             ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return [{"generation": text} for text in texts]
 
     def chat_completion(
         self,
@@ -242,6 +378,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        stop: Optional[Sequence[str]] = None,
     ) -> List[ChatPrediction]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
@@ -250,7 +387,8 @@ class Llama:
         # Dialogs that smuggle in [INST] or <<SYS>> get the error message instead of a generation (Meta's rule).
         unsafe = [has_special_tags(d) for d in dialogs]
         prompts = [encode_dialog_prompt(self.tokenizer, d) for d, bad in zip(dialogs, unsafe) if not bad]
-        tokens, lps = self.generate(prompts, max_gen_len, temperature, top_p, logprobs) if prompts else ([], None)
+        tokens, lps, texts = (self._generate_until(prompts, max_gen_len, temperature, top_p, logprobs, False, stop)
+                              if prompts else ([], None, None))
         results: List[ChatPrediction] = []
         k = 0
         for bad in unsafe:
@@ -259,7 +397,8 @@ class Llama:
                 if logprobs:
                     result.update(tokens=[], logprobs=[])
             else:
-                result = {"generation": {"role": "assistant", "content": self.tokenizer.decode(tokens[k])}}
+                text = texts[k] if texts is not None else self.tokenizer.decode(tokens[k])
+                result = {"generation": {"role": "assistant", "content": text}}
                 if logprobs:
                     result.update(tokens=[self.tokenizer.decode([x]) for x in tokens[k]], logprobs=lps[k])
                 k += 1
@@ -284,3 +423,95 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding state and stop strings
+# ---------------------------------------------------------------------------------------------------------------
+class _Run:
+    """The state of one batched generation: a right-padded token buffer and which rows are finished."""
+
+    PAD = -1  # never fed to the model: only positions < cur_pos are read, and those are all filled
+
+    def __init__(self, prompt_tokens, lengths, total_len, max_gen_len, temperature, top_p, logprobs, device):
+        self.bsz, self.lengths, self.total_len, self.max_gen_len = len(prompt_tokens), lengths, total_len, max_gen_len
+        self.temperature, self.top_p, self.logprobs = temperature, top_p, logprobs
+        rows = [t + [self.PAD] * (total_len - len(t)) for t in prompt_tokens]
+        self.tokens = torch.tensor(rows, dtype=torch.long, device=device)[:, :total_len].contiguous()
+        self.prompt_len = torch.tensor(lengths, device=device)
+        self.token_logprobs = torch.zeros((self.bsz, total_len), device=device) if logprobs else None
+        self.stopped = torch.zeros(self.bsz, dtype=torch.bool, device=device)
+        self.any_stopped = False
+        self.keep: List[Optional[int]] = [None] * self.bsz  # generated tokens kept by a row ended by a stop string
+
+    def stop_row(self, k: int, n_generated: int) -> None:
+        self.stopped[k] = True
+        self.any_stopped = True
+        self.keep[k] = n_generated
+
+
+def normalize_stop(stop: Union[None, str, Sequence[str]]) -> List[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+    return stop
+
+
+def first_stop(text: str, stop: Sequence[str]) -> Optional[int]:
+    """Start of the stop string that completes first in ``text`` (earliest end; on a tie, the longer one)."""
+    best = None
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (best is None or (i + len(s), i) < (best[0], best[1])):
+            best = (i + len(s), i)
+    return None if best is None else best[1]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) its first stop string; the whole text when there is none."""
+    i = first_stop(text, stop)
+    return text if i is None else text[:i]
+
+
+class TextStream:
+    """Token ids in, text deltas out: UTF-8-safe (``IncrementalDecoder``) and cut before the first stop string.
+
+    Text that might be the start of a stop string is held back until it is known not to be, so the deltas never
+    contain any part of a stop string and their concatenation is ``cut_at_stop(decode(ids), stop)``. Only the held
+    text and the new delta are searched, so each step costs O(new text + stop lengths), not O(text so far).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop = list(stop)
+        self.held = ""
+        self.stopped = False  # a stop string was found: nothing more will be emitted
+        self.finished = False  # EOS was generated (set by the caller)
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.decoder.push([token_id]), final=False)
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.decoder.flush(), final=True)
+
+    def _emit(self, delta: str, final: bool) -> str:
+        if not self.stop:
+            return delta
+        # A stop string cannot start in text already emitted: any suffix of it that begins a stop string is held.
+        buf = self.held + delta
+        i = first_stop(buf, self.stop)
+        if i is not None:
+            self.stopped, self.held = True, ""
+            return buf[:i]
+        keep = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if buf.endswith(s[:k])),
+                                   default=0)
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]

@@ -3,8 +3,11 @@
 Differences from Meta's file, none of them visible in the state_dict or the logits:
 * the linears and the embedding are ``llama.parallel`` layers, which need no process group at model parallel size 1;
 * rotary embedding uses real cos/sin tables (the same interleaved pairing as Meta's complex multiply);
-* attention runs through ``scaled_dot_product_attention`` and the KV cache is a non-persistent buffer;
-* ``forward(..., use_cache=False)`` skips the cache for training.
+* attention runs through ``scaled_dot_product_attention`` (grouped-query heads via ``enable_gqa``, no copies of the
+  kv heads) and the KV cache is a non-persistent buffer written in place;
+* ``forward(..., use_cache=False)`` skips the cache for training;
+* ``decode_step`` is a static-shape single-token step (position as a tensor, fixed-size cache and mask) that
+  ``torch.compile`` can capture once, with CUDA graphs on GPUs.
 """
 from __future__ import annotations
 
@@ -88,14 +91,18 @@ def precompute_rope(head_dim: int, end: int, theta: float = 10000.0, device=None
 def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles (Meta's interleaved layout).
 
-    x: (batch, seq, heads, head_dim); rope: (seq, head_dim // 2, 2).
+    x: (batch, seq, heads, head_dim); rope: (seq, head_dim // 2, 2) holding (cos, sin).
+    One complex multiply, as Meta's code, instead of the equivalent real arithmetic: (x0 + i x1)(cos + i sin) =
+    (x0 cos - x1 sin) + i (x0 sin + x1 cos). It is one kernel instead of seven, which matters per decode step.
     """
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos = rope[None, :, None, :, 0]
-    sin = rope[None, :, None, :, 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(3).type_as(x)
+    if torch.compiler.is_compiling():
+        # Inductor generates no code for complex ops; the real form fuses into one kernel there instead.
+        x0, x1 = xf[..., 0], xf[..., 1]
+        cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(3).type_as(x)
+    rc = torch.view_as_complex(rope)[None, :, None, :]
+    return torch.view_as_real(torch.view_as_complex(xf) * rc).flatten(3).type_as(x)
 
 
 class Attention(nn.Module):
@@ -118,28 +125,33 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(cache_shape, **kw), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape, **kw), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, start_pos, rope: torch.Tensor, mask: Optional[torch.Tensor],
                 use_cache: bool = True) -> torch.Tensor:
+        """``start_pos`` is an int (write and read cache[:, :start_pos + S]), or, for ``decode_step``, a 1-element
+        long tensor: then the one new token is written with ``index_copy_`` and attention reads the whole
+        fixed-size cache under ``mask``, so every step has the same shapes (what torch.compile / CUDA graphs need)."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, rope), apply_rotary_emb(xk, rope)
 
-        if use_cache:
+        if not use_cache:
+            keys, values = xk, xv
+        elif isinstance(start_pos, torch.Tensor):
+            self.cache_k[:bsz].index_copy_(1, start_pos, xk)
+            self.cache_v[:bsz].index_copy_(1, start_pos, xv)
+            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
+        else:
             self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
             self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
             keys = self.cache_k[:bsz, : start_pos + seqlen]
             values = self.cache_v[:bsz, : start_pos + seqlen]
-        else:
-            keys, values = xk, xv
 
-        # (bsz, heads, seq, head_dim). Query head h reads kv head h // n_rep: contiguous groups, as Meta's repeat_kv.
+        # (bsz, heads, seq, head_dim). Query head h reads kv head h // n_rep: contiguous groups, as Meta's repeat_kv;
+        # enable_gqa does that inside the kernel instead of materialising n_rep copies of the keys and values.
         q, k, v = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)
-            v = v.repeat_interleave(self.n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -240,3 +252,19 @@ class Transformer(nn.Module):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fp32 logits for every position. With the cache, S new tokens attend to the P = start_pos cached ones."""
         return self.output(self.hidden_states(tokens, start_pos, use_cache=use_cache, mask=mask)).float()
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One new token per row at position ``pos`` (a 1-element long tensor): fp32 logits (bsz, vocab).
+
+        Shapes do not depend on the position (the cache is read whole, later positions masked off), so
+        ``torch.compile`` traces it once per batch size and CUDA graphs can replay it. Same numbers as
+        ``forward(tokens, int(pos))[:, -1]`` up to summation order. Bounds are the caller's job here
+        (a Python check on a tensor would force a device sync every step).
+        """
+        h = self.tok_embeddings(tokens)
+        rope = self.rope.index_select(0, pos)
+        # Keys at positions <= pos are visible; the rest of the static cache is masked out.
+        mask = torch.arange(self.params.max_seq_len, device=tokens.device)[None, :] <= pos[:, None]
+        for layer in self.layers:
+            h = layer(h, pos, rope, mask)
+        return self.output(self.norm(h)[:, -1]).float()

@@ -40,3 +40,38 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp_model.id_to_piece(i)
+
+
+class IncrementalDecoder:
+    """Turn a growing list of token ids into text deltas that are always whole UTF-8 characters.
+
+    Korean (and any text outside the vocabulary) comes out of the Llama 2 tokenizer as runs of ``<0xNN>`` byte
+    pieces; decoding a partial run gives U+FFFD, so a delta is held back while the decoded text ends in U+FFFD.
+    SentencePiece drops the leading space of the first piece it decodes, so deltas are taken between two decodes
+    that start at the same token (``prefix``): ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])``. After
+    each emitted delta the window moves up to the last emitted token, so each step decodes only a few tokens
+    (O(new tokens) amortized) and the concatenated deltas equal ``decode(all ids)``.
+    """
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.prefix = 0  # window start: the first token of the last emitted delta's window
+        self.read = 0  # tokens [prefix, read) were decoded into text already emitted
+
+    def push(self, token_ids) -> str:
+        """Add token ids and return the text they complete ('' while a character is still incomplete)."""
+        self.ids.extend(token_ids)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """The held-back remainder (e.g. a byte run that never completed, as U+FFFD), at the end of a stream."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done) :]

@@ -1,0 +1,91 @@
+"""Weight-only quantization: error bounds of one layer, whole-model logits near fp32, the ParallelLinear hook,
+int4 where PyTorch has the kernels, and clear errors for what is not supported."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import random_model, save_meta, tiny_args, train_tiny_tokenizer
+from llama.generation import Llama
+from llama.parallel import ParallelLinear
+from llama.quantize import KERNEL_MAX_ROWS, Int4Linear, Int8Linear, quantize_model
+
+HAS_INT4_CPU = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 5])  # kernel and dequantize paths
+def test_int8_linear_within_the_per_channel_bound(rows):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(67, 50, generator=g), torch.randn(rows, 50, generator=g)
+    layer = Int8Linear.from_weight(w)
+    # Every weight is off by at most half a step, scale_n / 2 = max|w_n| / 254, so output n is off by at most
+    # ||x||_1 * max|w_n| / 254 (plus fp32 rounding of the sums).
+    bound = x.abs().sum(1, keepdim=True) * w.abs().amax(1) / 254
+    err = (layer(x) - F.linear(x, w)).abs()
+    assert (err <= bound + 1e-4).all()
+    # and it is exactly the product with the dequantized weight
+    assert torch.allclose(layer(x), F.linear(x, layer.dequantize()), atol=1e-5)
+
+
+def test_int8_model_logits_close_to_fp32():
+    args = tiny_args(dim=64, n_heads=8, n_kv_heads=4)
+    model = random_model(args, seed=4)
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(tokens, 0, use_cache=False)
+        quantize_model(model, "int8")
+        got = model(tokens, 0, use_cache=False)
+    assert all(m.weight is None for m in model.modules() if isinstance(m, ParallelLinear))
+    # Per weight the rounding error is uniform in +-scale/2: rms scale/sqrt(12) = max|w_row| / 440, about 0.7 % of
+    # a Gaussian row's rms (max ~ 3 sigma at these widths). 15 quantized products in sequence, errors adding
+    # roughly in quadrature, give ~3 %; 6 % leaves room for the tails.
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.06, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="this PyTorch has no int4 CPU kernels")
+def test_int4_linear_equals_its_dequantized_weight():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(48, 128, generator=g), torch.randn(3, 128, generator=g)
+    layer = Int4Linear.from_weight(w, group_size=32)
+    q, scale, zero = Int4Linear.quantize_groups(w, 32)
+    deq = ((q.float().view(48, 4, 32) - 8) * scale[..., None] + zero[..., None]).view(48, 128)
+    assert (deq - w).abs().max() <= (scale.max() / 2) + 1e-6  # half a step of 16 levels per group
+    assert torch.allclose(layer(x), F.linear(x, deq), atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="this PyTorch has no int4 CPU kernels")
+def test_int4_model_runs_and_stays_close():
+    args = tiny_args(dim=64, n_heads=8, n_kv_heads=4, multiple_of=32)
+    model = random_model(args, seed=4)
+    tokens = torch.randint(0, args.vocab_size, (2, 10))
+    with torch.no_grad():
+        ref = model(tokens, 0, use_cache=False)
+        quantize_model(model, "int4", group_size=32)
+        got = model(tokens, 0, use_cache=False)
+    # 16 levels per group: step ~ range / 15 ~ 4 sigma / 15 for Gaussian groups of 32, rms error step / sqrt(12)
+    # ~ 8 % per product; 15 products in sequence add to ~30 % in quadrature (int8: ~3 %). Bound with room: 50 %.
+    assert (got - ref).norm() / ref.norm() < 0.5
+
+
+def test_build_quantized_generates_like_fp32(tmp_path):
+    args = tiny_args(dim=64, n_heads=8, n_kv_heads=4)
+    ckpt = save_meta(random_model(args, seed=11, std=0.3), tmp_path / "ckpt")
+    tok = train_tiny_tokenizer(tmp_path / "tok.model")
+    fp32 = Llama.build(str(ckpt), str(tok), max_seq_len=32, max_batch_size=2, device="cpu")
+    int8 = Llama.build(str(ckpt), str(tok), max_seq_len=32, max_batch_size=2, device="cpu", quantize="int8")
+    assert isinstance(int8.model.layers[0].attention.wq.local_linear, Int8Linear)
+    assert isinstance(int8.model.output.local_linear, Int8Linear)
+    a = fp32.generate([[1, 5, 9]], 6, temperature=0)[0][0]
+    b = int8.generate([[1, 5, 9]], 6, temperature=0)[0][0]
+    assert a[:2] == b[:2]  # early greedy tokens agree (later ones may diverge after one near-tie)
+
+
+def test_unsupported_modes_raise_clear_errors():
+    model = random_model(tiny_args())
+    with pytest.raises(NotImplementedError, match="nf4.*not supported"):
+        quantize_model(model, "nf4")
+    with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
+        quantize_model(model, "int3")
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        Int4Linear.from_weight(torch.randn(8, 48), group_size=32)
