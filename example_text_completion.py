@@ -19,6 +19,7 @@ def main(
     stream: bool = False,
     quantize: Optional[str] = None,
     compile: bool = False,
+    lora_path: Optional[str] = None,
 ):
     """
     Generate continuations of a few sample prompts.
@@ -32,16 +33,24 @@ def main(
         max_gen_len: maximum number of generated tokens.
         max_batch_size: maximum number of prompts at once (sizes the KV cache).
         stream: print each completion as it is generated (one prompt at a time), instead of batched at the end.
-        quantize: None, "int8" or "int4" (weight-only, applied after loading).
+        quantize: None, "int8", "int4" or "nf4" (weight-only, applied after loading).
         compile: torch.compile the decode step.
+        lora_path: a LoRA adapter folder (kollama.lora.save_adapter / kollama.train's adapter/), folded into the weights.
     """
-    generator = Llama.build(
+    build = Llama.build
+    extra = {}
+    if lora_path or quantize == "nf4":
+        from kollama.inference import build  # adapters and NF4 live in kollama; llama itself never imports it
+
+        extra = {"lora_path": lora_path}
+    generator = build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         quantize=quantize,
         compile=compile,
+        **extra,
     )
 
     prompts: List[str] = [

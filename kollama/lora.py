@@ -280,6 +280,17 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its dense base weight and put the plain base layer back in its parent: the model
+    is then an ordinary Transformer again (as fast as the base, and quantizable). Not reversible."""
+    for name, m in lora_layers(model).items():
+        if not m.merged:
+            m.merge()
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, m.base)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # State dicts and parameter counts
 # ---------------------------------------------------------------------------------------------------------------

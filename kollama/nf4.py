@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama.quantize import register_quantizer
+
 BLOCK_SIZE = 64  # values per absmax block
 SCALE_BLOCK_SIZE = 256  # block absmaxes per int8 double-quantization block
 
@@ -241,3 +243,7 @@ def bits_per_parameter(module: Union[NF4Linear, nn.Module]) -> float:
         for layer in layers
     )
     return n_bits / n_params
+
+
+# `Llama.build(..., quantize="nf4")` for inference in 4 bits: llama never imports kollama, so NF4 registers itself.
+register_quantizer("nf4", NF4Linear.from_weight)

@@ -15,19 +15,19 @@ tinygemm kernels on both devices (``_weight_int4pack_mm`` on CUDA, ``_weight_int
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("int8", "int4")
 # Rows of activations up to which the int8 kernel is used; above it (prefill) the product is compute bound and
 # dequantizing the weight once for a BLAS GEMM is faster.
 KERNEL_MAX_ROWS = 32
@@ -255,27 +255,42 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
 
 
-def quantize_model(model: nn.Module, mode: str, *, include_output: bool = True, group_size: int = 128) -> nn.Module:
+# name -> factory(weight) returning a local linear module. Other packages add formats without llama importing
+# them: kollama.nf4 registers "nf4" when imported.
+QUANTIZERS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_quantizer(name: str, from_weight: Callable[..., nn.Module]) -> None:
+    """Make ``quantize=name`` build each local linear with ``from_weight(weight)``."""
+    QUANTIZERS[name] = from_weight
+
+
+def quantize_model(model: nn.Module, mode: Union[str, Callable[..., nn.Module]], *, include_output: bool = True,
+                   group_size: int = 128) -> nn.Module:
     """Replace every ParallelLinear's local product by a quantized one, in place, one layer at a time (so the
-    dense weights are freed as we go). Call after loading this rank's shard. ``include_output=False`` keeps the
-    classifier dense (it is the largest single matrix, and the most sensitive)."""
+    dense weights are freed as we go). Call after loading this rank's shard. ``mode`` is a registered name
+    ("int8", "int4", "nf4" once kollama.nf4 is imported) or a factory ``weight -> module``.
+    ``include_output=False`` keeps the classifier dense (it is the largest single matrix, and the most sensitive)."""
     from llama.parallel import ParallelLinear  # local: llama.parallel imports nothing from here
 
-    if mode == "nf4":
-        raise NotImplementedError("quantize='nf4' is not supported in llama yet (a later issue wires kollama's NF4 "
-                                  "through replace_local_linear); use 'int8' or 'int4'")
-    if mode not in MODES:
-        raise ValueError(f"unknown quantize mode {mode!r}; choose one of {MODES} (or None)")
+    if callable(mode):
+        factory = mode
+    elif mode in QUANTIZERS:
+        factory = QUANTIZERS[mode]
+        if mode == "int4":
+            factory = functools.partial(factory, group_size=group_size)
+    elif mode == "nf4":
+        raise ValueError("quantize='nf4' is provided by kollama: `import kollama` first (it registers 'nf4'), "
+                         "or pass quantize=kollama.nf4.NF4Linear.from_weight")
+    else:
+        raise ValueError(f"unknown quantize mode {mode!r}; choose one of {sorted(QUANTIZERS)} (or None)")
     for name, layer in model.named_modules():
         if not isinstance(layer, ParallelLinear) or layer.weight is None:
             continue
-        if name == "output" and not include_output:
+        if name.split(".")[0] == "output" and not include_output:
             continue
         with torch.no_grad():
-            if mode == "int8":
-                q = Int8Linear.from_weight(layer.weight)
-            else:
-                q = Int4Linear.from_weight(layer.weight, group_size=group_size)
+            q = factory(layer.weight)
         layer.replace_local_linear(q)
     return model
 
@@ -289,4 +304,7 @@ def quantized_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["Int8Linear", "Int4Linear", "quantize_model", "quantized_bytes", "MODES"]
+register_quantizer("int8", Int8Linear.from_weight)
+register_quantizer("int4", Int4Linear.from_weight)
+
+__all__ = ["Int8Linear", "Int4Linear", "quantize_model", "quantized_bytes", "register_quantizer", "QUANTIZERS"]

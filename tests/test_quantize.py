@@ -81,9 +81,12 @@ def test_build_quantized_generates_like_fp32(tmp_path):
     assert a[:2] == b[:2]  # early greedy tokens agree (later ones may diverge after one near-tie)
 
 
-def test_unsupported_modes_raise_clear_errors():
+def test_unsupported_modes_raise_clear_errors(monkeypatch):
+    from llama.quantize import QUANTIZERS
+
     model = random_model(tiny_args())
-    with pytest.raises(NotImplementedError, match="nf4.*not supported"):
+    monkeypatch.delitem(QUANTIZERS, "nf4", raising=False)  # as in a process that never imported kollama
+    with pytest.raises(ValueError, match="'nf4' is provided by kollama: `import kollama` first"):
         quantize_model(model, "nf4")
     with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
         quantize_model(model, "int3")

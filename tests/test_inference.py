@@ -1,0 +1,85 @@
+"""Inference with kollama: a LoRA adapter folded in at load time, NF4 weights via quantize="nf4", and both."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import random_model, save_meta, tiny_args, train_tiny_tokenizer
+from kollama.inference import build
+from kollama.lora import LoRALinear, apply_lora, save_adapter
+from kollama.nf4 import NF4Linear
+from llama import Llama
+
+ARGS = tiny_args(dim=64, n_heads=8, n_kv_heads=4, vocab_size=128)
+TOKENS = torch.arange(14).reshape(2, 7) * 9 % 128
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inference")
+    tok = train_tiny_tokenizer(d / "tok.model", vocab_size=128)
+    base = random_model(ARGS, seed=4)
+    ckpt = save_meta(base, d / "base", mp=1)
+    adapted = random_model(ARGS, seed=4)
+    apply_lora(adapted, targets=("wq", "wv", "w2", "output"), r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))  # B = 0 at init would make the adapter a no-op
+        expected = adapted(TOKENS, 0)
+    save_adapter(adapted, d / "adapter")
+    return dict(tok=str(tok), ckpt=str(ckpt), adapter=str(d / "adapter"), adapted=adapted, expected=expected)
+
+
+def logits(llama):
+    with torch.no_grad():
+        return llama.model(TOKENS, 0)
+
+
+def test_adapter_is_folded_into_the_weights(setup):
+    llama = build(setup["ckpt"], setup["tok"], 32, 2, device="cpu", lora_path=setup["adapter"])
+    assert not any(isinstance(m, LoRALinear) for m in llama.model.modules())
+    assert (logits(llama) - setup["expected"]).abs().max().item() < 1e-5
+
+
+def dequantized_copy(model):
+    """A dense model whose every linear holds dequant(NF4(W)): the reference for an NF4 model."""
+    from llama.parallel import ParallelLinear
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ParallelLinear):
+                m.weight.copy_(NF4Linear.from_weight(m.weight).dequantize())
+    return model
+
+
+def test_nf4_inference_equals_dense_dequantized_weights(setup):
+    llama = Llama.build(setup["ckpt"], setup["tok"], 32, 2, device="cpu", quantize="nf4")
+    assert isinstance(llama.model.layers[0].attention.wq.local_linear, NF4Linear)
+    reference = dequantized_copy(random_model(ARGS, seed=4))
+    with torch.no_grad():
+        assert (logits(llama) - reference(TOKENS, 0)).abs().max().item() < 1e-4
+
+
+def test_adapter_then_nf4_quantizes_the_adapted_weights(setup):
+    from kollama.lora import merge_and_unload
+
+    llama = build(setup["ckpt"], setup["tok"], 32, 2, device="cpu", lora_path=setup["adapter"], quantize="nf4")
+    merged = random_model(ARGS, seed=4)
+    apply_lora(merged, targets=("wq", "wv", "w2", "output"), r=4, alpha=8, dropout=0.0)
+    merged.load_state_dict(setup["adapted"].state_dict())
+    reference = dequantized_copy(merge_and_unload(merged))
+    with torch.no_grad():
+        assert (logits(llama) - reference(TOKENS, 0)).abs().max().item() < 1e-4
+
+
+def test_example_script_takes_lora_path(setup):
+    cmd = [sys.executable, "example_text_completion.py", "--ckpt_dir", setup["ckpt"], "--tokenizer_path",
+           setup["tok"], "--lora_path", setup["adapter"], "--max_gen_len", "4", "--temperature", "0"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("==================================") == 4
