@@ -36,7 +36,7 @@ from llama.checkpoint import (
     read_slice,
     write_checkpoint,
 )
-from llama.llama2c import ffn_params_for
+from llama.model import ffn_params_for
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
 

@@ -18,24 +18,9 @@ import numpy as np
 import torch
 
 from llama.checkpoint import CheckpointError
-from llama.model import ffn_hidden_dim, precompute_rope
+from llama.model import ffn_params_for, precompute_rope
 
 HEADER = struct.Struct("<7i")
-
-
-def ffn_params_for(dim: int, hidden_dim: int) -> dict:
-    """multiple_of / ffn_dim_multiplier that make Meta's FFN-width formula give ``hidden_dim``."""
-    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if ffn_hidden_dim(dim, multiple_of, None) == hidden_dim:
-            return {"multiple_of": multiple_of, "ffn_dim_multiplier": None}
-    base = int(2 * (4 * dim) / 3)
-    multiplier = hidden_dim / base
-    # int(multiplier * base) may land one below hidden_dim through rounding; nudge up by one ulp-scale step.
-    while int(multiplier * base) < hidden_dim:
-        multiplier = np.nextafter(multiplier, np.inf)
-    if ffn_hidden_dim(dim, 1, float(multiplier)) != hidden_dim:
-        raise CheckpointError(f"no ffn_dim_multiplier reproduces hidden_dim={hidden_dim} for dim={dim}")
-    return {"multiple_of": 1, "ffn_dim_multiplier": float(multiplier)}
 
 
 def read_llama2c(path) -> Tuple[dict, Dict[str, torch.Tensor]]:

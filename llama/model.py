@@ -11,6 +11,7 @@ Differences from Meta's file, none of them visible in the state_dict or the logi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -64,6 +65,24 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def ffn_params_for(dim: int, hidden_dim: int) -> dict:
+    """multiple_of / ffn_dim_multiplier that make Meta's FFN-width formula give ``hidden_dim`` (for params.json
+    written from llama2.c or HF configs, which store the width itself). Meta's own choices are tried first, so a
+    70B config gives Meta's (4096, 1.3)."""
+    for multiplier in (None, 1.3):
+        for multiple_of in (4096, 1024, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+            if ffn_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
+                return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+    base = int(2 * (4 * dim) / 3)
+    multiplier = hidden_dim / base
+    # int(multiplier * base) may land one below hidden_dim through rounding; nudge up one ulp at a time.
+    while int(multiplier * base) < hidden_dim:
+        multiplier = math.nextafter(multiplier, math.inf)
+    if ffn_hidden_dim(dim, 1, multiplier) != hidden_dim:
+        raise ValueError(f"no ffn_dim_multiplier reproduces hidden_dim={hidden_dim} for dim={dim}")
+    return {"multiple_of": 1, "ffn_dim_multiplier": multiplier}
 
 
 class RMSNorm(nn.Module):

@@ -121,3 +121,22 @@ def test_replaced_local_linear_keeps_the_layer_working():
         got = model(tokens, 0)
     assert wq.weight is None and "layers.0.attention.wq.weight" not in model.state_dict()
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim,hidden,expected", [
+    (4096, 11008, {"multiple_of": 256, "ffn_dim_multiplier": None}),  # Llama 2 7B params.json
+    (8192, 28672, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3}),  # Llama 2 70B params.json
+    (64, 172, {"multiple_of": 4, "ffn_dim_multiplier": None}),  # stories260K (llama2.c: multiple_of=4)
+])
+def test_ffn_params_for_recovers_metas_choices(dim, hidden, expected):
+    from llama.model import ffn_params_for
+
+    assert ffn_params_for(dim, hidden) == expected
+
+
+def test_ffn_params_for_any_width():
+    from llama.model import ffn_hidden_dim, ffn_params_for
+
+    for dim, hidden in ((100, 333), (96, 250), (512, 1377)):
+        p = ffn_params_for(dim, hidden)
+        assert ffn_hidden_dim(dim, p["multiple_of"], p["ffn_dim_multiplier"]) == hidden
