@@ -293,8 +293,11 @@ def encode_row(row: Row, tokenizer, template: str, train_on_inputs: bool = False
 
 
 def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_inputs: bool = False,
-                  text_field: str = "text", stats: Optional[DataStats] = None) -> List[Example]:
-    """Read, template, truncate to ``cutoff_len``; logs a summary. Raises DataError when nothing is usable."""
+                  text_field: str = "text", stats: Optional[DataStats] = None,
+                  split_long: bool = False) -> List[Example]:
+    """Read, template, truncate to ``cutoff_len`` (or, with ``split_long``, cut into pieces of at most
+    ``cutoff_len``: continued pretraining keeps all of a long document); logs a summary. Raises DataError when
+    nothing is usable."""
     if cutoff_len < 2:
         raise DataError(f"cutoff_len must be >= 2 (a token and its target), got {cutoff_len}")
     stats = stats if stats is not None else DataStats()
@@ -304,6 +307,9 @@ def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_
             ex = encode_row(row, tokenizer, template, train_on_inputs)
         except BadRow as e:
             stats.note_skip(f"{row.source}: {e}")
+            continue
+        if split_long and len(ex) > cutoff_len:
+            examples += [piece for piece in split_example(ex, cutoff_len) if count_targets([piece])]
             continue
         if len(ex) > cutoff_len:
             ex = Example(ex.input_ids[:cutoff_len], ex.labels[:cutoff_len])
@@ -344,6 +350,20 @@ def split_dev(examples: List[Example], dev_fraction: float, seed: int) -> Tuple[
                         f"data; use more data, a smaller --dev_fraction or a separate --dev_data file")
     mixed = shuffled(examples, seed)
     return mixed[n_dev:], mixed[:n_dev]
+
+
+def split_example(ex: Example, size: int) -> List[Example]:
+    """Pieces of at most ``size`` tokens covering ``ex``; each piece after the first starts one token before the
+    previous one ended. Its first token is context only (label -100, as a packed row never predicts across a
+    boundary), so every target of ``ex`` is still trained exactly once."""
+    if size < 2:
+        raise DataError(f"cannot split an example into pieces of {size} token(s); need >= 2")
+    pieces, start = [Example(ex.input_ids[:size], ex.labels[:size])], size
+    while start < len(ex):
+        a, b = start - 1, min(len(ex), start - 1 + size)
+        pieces.append(Example(ex.input_ids[a:b], [IGNORE_INDEX] + ex.labels[a + 1:b]))
+        start = b
+    return pieces
 
 
 def pack(examples: Sequence[Example], block_size: int) -> List[Example]:

@@ -1,4 +1,4 @@
-"""Fine-tune Llama 2 (LoRA or full) on instruction, chat or plain-text data: ``python -m kollama.train``.
+"""Fine-tune Llama 2 (LoRA, QLoRA or full) on instruction, chat or plain-text data: ``python -m kollama.train``.
 
   python -m kollama.train --ckpt_dir llama-2-7b --tokenizer_path tokenizer.model --data kullm-v2.jsonl \\
       --template kullm --method lora --out_dir runs/kullm-lora
@@ -15,6 +15,12 @@ Output folder: ``config.json``, ``metrics.jsonl``, ``checkpoints/step-NNNNNN/`` 
 model-parallel rank, optimizer, scheduler, every rank's RNG; written to a temporary folder and renamed), and at
 the end ``adapter/`` (LoRA, loadable with ``kollama.lora.load_adapter``), ``model/`` (full fine-tuning, Meta
 layout) or ``merged/`` (LoRA merged into the base, Meta layout, with ``--merge``).
+
+``--method qlora``: as lora, over an NF4 base: every transformer-block linear (wq wk wv wo w1 w2 w3) of this rank's
+shard is quantized after loading (kollama/qlora.py; embedding, norms and output stay dense). Quantization is
+deterministic, so checkpoints hold only the adapter and optimizer and resume stays exact. ``config.json["nf4"]``
+and the first ``metrics.jsonl`` record give the stored bits per base parameter (~4.127 for large layers) and the
+NF4 error. ``--merge`` writes dequant(NF4(W)) + B A, the weight the adapter was trained against, not W + B A.
 """
 from __future__ import annotations
 
@@ -131,7 +137,7 @@ def load_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, dtype: O
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
     base_dtype = DTYPES[dtype] if dtype else (
-        torch.bfloat16 if device.type == "cuda" and method == "lora" else torch.float32)
+        torch.bfloat16 if device.type == "cuda" and method in ("lora", "qlora") else torch.float32)
     checkpoint = open_checkpoint(ckpt_dir)
     if tokenizer.n_words != checkpoint.vocab_size:
         raise CheckpointError(
@@ -216,6 +222,12 @@ def train(
     resume=False,
     stop_at_step: Optional[int] = None,
     merge: bool = False,
+    task: str = "sft",
+    trainable: Optional[str] = None,
+    new_rows_from: Optional[int] = None,
+    heldout_text: Optional[str] = None,
+    heldout_limit: Optional[int] = None,
+    curriculum=None,
     progress: bool = True,
 ) -> dict:
     """Train and return a summary dict (steps, last loss, dev losses, output paths). See the module docstring.
@@ -224,15 +236,27 @@ def train(
     ``stop_at_step``: end after that step (its checkpoint written) without final outputs, e.g. for time-limited
     job slots; a later ``--resume`` continues. ``dtype``: of the frozen base weights (default fp32 on CPU, bf16
     for LoRA on CUDA); trainable weights are always fp32, and CUDA runs under bf16 autocast.
+    Continued pretraining (kollama/pretrain.py): ``task="pretrain"`` = ``template="text"`` + packing, long documents
+    split into blocks instead of truncated; ``trainable`` = lora | lora+embeddings | embeddings (only rows >=
+    ``new_rows_from``) | full; ``heldout_text``: bits per character of that file (first ``heldout_limit`` lines) at
+    every eval, logged as ``heldout_bpc``. ``curriculum``: a stage file (kollama/curriculum.py; ``True`` = ``data``
+    is the stage file): stages run in order, metrics carry the stage name.
     """
-    if method not in ("lora", "full"):
-        raise ValueError(f"--method must be 'lora' or 'full', got {method!r}")
+    from kollama import pretrain as P
+
+    if task not in P.TASKS:
+        raise ValueError(f"--task must be one of {', '.join(P.TASKS)}, got {task!r}")
+    if task == "pretrain":  # plain text, packed; every token is a target
+        template, packing = "text", True
+    method, merge = P.resolve(trainable, method, merge)
+    if method not in ("lora", "qlora", "full"):
+        raise ValueError(f"--method must be 'lora', 'qlora' or 'full', got {method!r}")
     if fsdp:
         raise NotImplementedError(
             "--fsdp is not implemented yet. To fit a large model, use --method lora (the frozen base needs no "
             "optimizer state) and/or split it with --model_parallel_size under torchrun")
-    if merge and method != "lora":
-        raise ValueError("--merge only applies to --method lora (full fine-tuning already writes model/)")
+    if merge and method not in ("lora", "qlora"):
+        raise ValueError("--merge only applies to --method lora or qlora (full fine-tuning already writes model/)")
     if micro_batch_size < 1 or gradient_accumulation_steps < 1:
         raise ValueError("--micro_batch_size and --gradient_accumulation_steps must be >= 1")
     block_size = block_size or cutoff_len
@@ -259,53 +283,81 @@ def train(
 
         tokenizer = Tokenizer(tokenizer_path)
         stats = D.DataStats()
-        examples = D.load_examples(_as_list(data), tokenizer, template, cutoff_len,
-                                   train_on_inputs=train_on_inputs, text_field=text_field, stats=stats)
-        if dev_data:
-            train_ex = examples
-            dev_ex = D.load_examples(_as_list(dev_data), tokenizer, template, cutoff_len,
-                                     train_on_inputs=train_on_inputs, text_field=text_field)
-        else:
-            train_ex, dev_ex = D.split_dev(examples, dev_fraction, seed)
-        train_rows = D.pack(D.shuffled(train_ex, seed), block_size) if packing else train_ex
-        dev_rows = D.pack(dev_ex, block_size) if packing else dev_ex
-        say(f"data: {stats.summary()}; {len(train_ex)} train / {len(dev_ex)} dev examples"
-            + (f" packed into {len(train_rows)} blocks of <= {block_size} tokens" if packing else ""))
         rows_per_rank = micro_batch_size * gradient_accumulation_steps
         global_batch = rows_per_rank * dp_size
-        steps_per_epoch = len(train_rows) // global_batch
-        if steps_per_epoch == 0:
-            raise D.DataError(f"{len(train_rows)} training rows are fewer than one global batch of {global_batch} "
-                              f"(micro_batch_size x gradient_accumulation_steps x data-parallel size); "
-                              f"use more data or a smaller batch")
-        total_steps = int(max_steps) if max_steps else max(1, int(epochs * steps_per_epoch))
-        fingerprint = [len(train_rows), sum(map(len, train_rows)), len(dev_rows)]
+        split_long = task == "pretrain"
+        plan = None
+        if curriculum:  # kollama/curriculum.py: the stages decide rows, steps and the lr factor of every step
+            from kollama.curriculum import build_plan
+
+            if (curriculum is True) == (data is None) or max_steps:
+                raise ValueError("--curriculum: give the stage file once (--curriculum FILE, or --curriculum with "
+                                 "--data FILE) and set steps per stage in it, not --max_steps")
+            plan = build_plan(data if curriculum is True else curriculum, tokenizer, template=template,
+                              text_field=text_field, cutoff_len=cutoff_len, packing=packing, block_size=block_size,
+                              train_on_inputs=train_on_inputs, split_long=split_long, global_batch=global_batch,
+                              seed=seed, dev_fraction=dev_fraction, dev_data=_as_list(dev_data), stats=stats)
+            dev_rows, total_steps, fingerprint = plan.dev_rows, plan.total_steps, plan.fingerprint
+            say(f"data: {stats.summary()}; {plan.summary()}; {len(dev_rows)} dev rows")
+        else:
+            examples = D.load_examples(_as_list(data), tokenizer, template, cutoff_len,
+                                       train_on_inputs=train_on_inputs, text_field=text_field, stats=stats,
+                                       split_long=split_long)
+            if dev_data:
+                train_ex = examples
+                dev_ex = D.load_examples(_as_list(dev_data), tokenizer, template, cutoff_len,
+                                         train_on_inputs=train_on_inputs, text_field=text_field,
+                                         split_long=split_long)
+            else:
+                train_ex, dev_ex = D.split_dev(examples, dev_fraction, seed)
+            train_rows = D.pack(D.shuffled(train_ex, seed), block_size) if packing else train_ex
+            dev_rows = D.pack(dev_ex, block_size) if packing else dev_ex
+            say(f"data: {stats.summary()}; {len(train_ex)} train / {len(dev_ex)} dev examples"
+                + (f" packed into {len(train_rows)} blocks of <= {block_size} tokens" if packing else ""))
+            steps_per_epoch = len(train_rows) // global_batch
+            if steps_per_epoch == 0:
+                raise D.DataError(f"{len(train_rows)} training rows are fewer than one global batch of {global_batch} "
+                                  f"(micro_batch_size x gradient_accumulation_steps x data-parallel size); "
+                                  f"use more data or a smaller batch")
+            total_steps = int(max_steps) if max_steps else max(1, int(epochs * steps_per_epoch))
+            fingerprint = [len(train_rows), sum(map(len, train_rows)), len(dev_rows)]
 
         # ---- model ----
         torch.manual_seed(seed)  # identical init (LoRA factors) on every rank, so replicas agree
-        model, base_params = load_model(ckpt_dir, tokenizer, seq_len, dev, dtype, method)
-        if method == "lora":
+        if method == "qlora":  # NF4 base on each rank's local shard, then LoRA as below
+            model, base_params, nf4_report = _load_qlora_model(ckpt_dir, tokenizer, seq_len, dev, dtype)
+            say(_nf4_summary(nf4_report))
+        else:
+            model, base_params = load_model(ckpt_dir, tokenizer, seq_len, dev, dtype, method)
+        if method in ("lora", "qlora"):
             from kollama import lora as L
 
             model = L.apply_lora(model, targets=tuple(_as_list(lora_targets)), r=lora_r, alpha=lora_alpha,
                                  dropout=lora_dropout, use_rslora=use_rslora)
+        trainable_info = P.set_trainable(model, trainable, new_rows_from, ckpt_dir)  # before the optimizer sees them
         named = trainable_named_parameters(model)
-        if method == "lora":
+        if method in ("lora", "qlora"):
             say(L.trainable_parameters_report(model))
         if activation_checkpointing:
             from torch.utils.checkpoint import checkpoint
 
             for layer in model.layers:  # per-instance forward: parameter names (the state_dict) stay Meta's
                 layer.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(layer.forward)
-        decay = [p for n, p in named if p.ndim >= 2]
-        no_decay = [p for n, p in named if p.ndim < 2]
+        # no_weight_decay: row-masked embeddings (kollama/pretrain.py), whose frozen rows decay would move
+        decay = [p for n, p in named if p.ndim >= 2 and not getattr(p, "no_weight_decay", False)]
+        no_decay = [p for n, p in named if p.ndim < 2 or getattr(p, "no_weight_decay", False)]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                                       foreach=dev.type == "cuda", fused=False)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.lr_lambda(lr, warmup_steps, min_lr_ratio)
+                                                      if plan else lr_lambda(warmup_steps, total_steps, min_lr_ratio))
         config = {k: v for k, v in locals().items() if k in TRAIN_ARGS}
         config.update(data=_as_list(data), dev_data=_as_list(dev_data), lora_targets=_as_list(lora_targets),
                       total_steps=total_steps, global_batch=global_batch, world_size=dp_size * model_parallel_size)
+        config.update(trainable_info, curriculum=str(curriculum) if curriculum else None,
+                      stages=plan.describe() if plan else None)
+        if method == "qlora":
+            config["nf4"] = nf4_report  # bits per base parameter etc.; not in MUST_MATCH (derived from the base)
 
         # ---- resume or start ----
         ckpt_root = out / "checkpoints"
@@ -314,6 +366,7 @@ def train(
             path = latest_checkpoint(ckpt_root) if resume is True else Path(resume)
             if path is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}; run without --resume to start")
+            P.check_resume(path, config)  # the trainable set and row mask, which MUST_MATCH does not cover
             step = load_trainer_state(path, model, named, optimizer, scheduler, config, fingerprint, rank, mp_rank)
             say(f"resumed from {path} at step {step}")
         else:
@@ -323,9 +376,13 @@ def train(
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "config.json", config)
             truncate_metrics(out / "metrics.jsonl", step)
+        if method == "qlora" and step == 0:
+            log_metrics(out, is_main, {"step": 0, "event": "nf4", **{k: nf4_report[k] for k in _NF4_METRICS}})
 
         # ---- loop ----
         def rows_of(step_: int) -> List[D.Example]:
+            if plan is not None:
+                return plan.rows_of(step_, dp_rank, rows_per_rank)
             epoch, k = divmod(step_, steps_per_epoch)
             order = D.shuffled(range(len(train_rows)), seed + epoch)
             glob = order[k * global_batch:(k + 1) * global_batch]
@@ -356,17 +413,32 @@ def train(
             sums = _all_reduce(sums, dp_group)
             return (sums[0] / sums[1]).item()
 
+        heldout_docs = P.read_heldout(heldout_text, heldout_limit) if heldout_text else None
+
+        def heldout(step_: int) -> dict:
+            """Held-out bits/char (comparable across tokenizers); every rank scores all docs (model parallel)."""
+            if not heldout_docs:
+                return {}
+            history["heldout_bpc"].append((step_, P.heldout_bits_per_char(model, tokenizer, heldout_docs, seq_len,
+                                                                          micro_batch_size, autocast)))
+            return {"heldout_bpc": history["heldout_bpc"][-1][1]}
+
         bar = _progress(total_steps, step, progress and is_main)
-        history = {"dev_loss": [], "loss": []}
+        history = {"dev_loss": [], "loss": [], "heldout_bpc": []}
         if step == 0 and eval_every:
             history["dev_loss"].append((0, dev_loss()))
-            log_metrics(out, is_main, {"step": 0, "dev_loss": history["dev_loss"][-1][1]})
+            log_metrics(out, is_main, {"step": 0, "dev_loss": history["dev_loss"][-1][1], **heldout(0)})
             say(f"step 0: dev loss {history['dev_loss'][-1][1]}")
         model.train()
         params = [p for _, p in named]
         sharded_flags = [is_model_parallel_sharded(model, n, p) for n, p in named]
         while step < total_steps:
             t0 = time.perf_counter()
+            if plan is not None and step == plan.stage_at(step).start:  # start of a curriculum stage
+                st = plan.stage_at(step)
+                log_metrics(out, is_main, {"step": step + 1, "event": "stage", "stage": st.name,
+                                            "stage_index": st.index, "stage_steps": st.steps})
+                say(f"stage {st.name!r}: steps {st.start + 1}-{st.end}")
             rows = rows_of(step)
             counts = torch.tensor([D.count_targets(rows), sum(map(len, rows))], dtype=torch.float64, device=dev)
             n_targets, n_tokens = _all_reduce(counts, dp_group).tolist()
@@ -399,10 +471,11 @@ def train(
             if log_every and step % log_every == 0:
                 log_metrics(out, is_main, {"step": step, "loss": loss_value, "lr": current_lr,
                                             "grad_norm": grad_norm, "tokens_per_s": n_tokens / elapsed,
-                                            "memory_mb": _memory_mb(dev)})
-            if eval_every and (step % eval_every == 0 or step == total_steps):
+                                            "memory_mb": _memory_mb(dev),
+                                            **({"stage": plan.stage_at(step - 1).name} if plan else {})})
+            if eval_every and (step % eval_every == 0 or step == total_steps or (plan and plan.is_stage_end(step))):
                 history["dev_loss"].append((step, dev_loss()))
-                log_metrics(out, is_main, {"step": step, "dev_loss": history["dev_loss"][-1][1]})
+                log_metrics(out, is_main, {"step": step, "dev_loss": history["dev_loss"][-1][1], **heldout(step)})
                 say(f"step {step}: dev loss {history['dev_loss'][-1][1]}")
             bar.update(1, loss_value)
             if (save_every and step % save_every == 0) or step == stop_at_step:
@@ -419,7 +492,8 @@ def train(
                                      dp_rank)
         summary = {"step": step, "total_steps": total_steps, "loss": history["loss"],
                    "dev_loss": history["dev_loss"], "outputs": outputs, "skipped_rows": len(stats.skipped),
-                   "truncated": stats.truncated}
+                   "truncated": stats.truncated, "heldout_bpc": history["heldout_bpc"],
+                   "stages": plan.describe() if plan else None}
         return summary
     finally:
         if started_group:
@@ -435,13 +509,18 @@ def _write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_p
     Every rank calls this (save_adapter is collective); data-parallel replicas hold equal weights, so only the
     first model-parallel group gathers and writes the Meta folders."""
     outputs = {}
-    if method == "lora":
+    if method in ("lora", "qlora"):
         from kollama import lora as L
 
         extra = {k: config[k] for k in ("template", "cutoff_len", "train_on_inputs", "total_steps", "seed")}
+        if method == "qlora":  # the adapter was trained against NF4(base): load it onto a quantized base
+            extra["base_quantization"] = "nf4"
         L.save_adapter(model, out / "adapter", {"base_model": str(ckpt_dir), "tokenizer": str(tokenizer_path), **extra})
         outputs["adapter"] = str(out / "adapter")
-        if merge:
+        if merge and method == "qlora":
+            _write_meta(out / "merged", _qlora_merged_state(model), base_params, tokenizer_path, dp_rank)
+            outputs["merged"] = str(out / "merged")
+        elif merge:
             L.merge_lora(model)
             _write_meta(out / "merged", L.base_state_dict(model), base_params, tokenizer_path, dp_rank)
             outputs["merged"] = str(out / "merged")
@@ -466,6 +545,60 @@ def _write_meta(dst: Path, local_state: dict, params: dict, tokenizer_path: str,
                              extra_files=[Path(tokenizer_path)])
     if dist.is_initialized():
         dist.barrier()
+
+
+
+# ---- QLoRA (--method qlora): NF4 base loading, its report, and merging; see kollama/qlora.py ----
+_NF4_METRICS = ("bits_per_parameter", "expected_bits_per_parameter", "quantized_params", "stored_bytes",
+                "dense_bytes", "max_abs_error", "rel_rms_error")
+
+
+def _load_qlora_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, dtype: Optional[str]):
+    """This rank's model with every transformer-block linear in NF4 (embedding, norms and output dense).
+
+    The checkpoint slices are opened on the CPU (memory-mapped, not copied) and each block linear's local shard
+    is quantized straight onto ``device``, so on a GPU the dense block weights never arrive there (peak = NF4
+    model + one dense layer). Quantization is deterministic, which keeps --resume exact without saving the
+    NF4 buffers. Returns (model, checkpoint params, NF4 report; counts summed over the model-parallel group)."""
+    from kollama import qlora as Q
+
+    if dtype is None and device.type == "cuda":
+        dtype = "bfloat16"  # compute dtype of the dense parts and of dequantized weights under autocast
+    model, params = load_model(ckpt_dir, tokenizer, seq_len, torch.device("cpu"), dtype, "qlora")
+    report = Q.quantize_base_nf4(model, device=device)
+    if device.type != "cpu":
+        with torch.no_grad():
+            for p in model.parameters():  # what stayed dense: embedding, norms, output
+                p.data = p.data.to(device)
+        model.init_buffers(device, DTYPES[dtype])
+    group = get_model_parallel_group()
+    if group is not None:  # global figures: every rank quantized only its shard
+        keys = ("quantized_params", "stored_bytes", "dense_bytes")  # "layers" is per rank: shards of the same ones
+        totals = torch.tensor([float(report[k]) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(totals, group=group)
+        report.update({k: int(v) for k, v in zip(keys, totals.tolist())})
+        worst = torch.tensor([report["max_abs_error"]], dtype=torch.float64, device=device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+        report["max_abs_error"] = worst.item()
+        report["bits_per_parameter"] = 8 * report["stored_bytes"] / report["quantized_params"]
+        # the expected value and the relative RMS error stay this rank's (same shapes on every rank)
+    return model, params, report
+
+
+def _nf4_summary(r: dict) -> str:
+    return (f"NF4 base: {r['layers']} linears, {r['quantized_params']:,} params in {r['stored_bytes'] / 2**20:.1f} "
+            f"MiB (dense {r['dense_bytes'] / 2**20:.1f} MiB): {r['bits_per_parameter']:.4f} bits/param "
+            f"(formula {r['expected_bits_per_parameter']:.4f}); NF4 error max {r['max_abs_error']:.3g}, "
+            f"relative RMS {r['rel_rms_error']:.3g}")
+
+
+def _qlora_merged_state(model) -> dict:
+    """Meta-named dense state of this rank with the adapter folded into the dequantized NF4 weights
+    (dequant(NF4(W)) + scale * B A; kollama/qlora.py explains why not W + B A), all in the dense parts' dtype."""
+    from kollama import lora as L
+
+    dtype = model.tok_embeddings.weight.dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in L.merged_state_dict(model).items()}
 
 
 class _progress:

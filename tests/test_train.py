@@ -176,7 +176,7 @@ def test_cli_and_clear_errors(setup, tmp_path):
     with pytest.raises(NotImplementedError, match="--fsdp is not implemented"):
         run(setup, "x", fsdp=True)
     with pytest.raises(ValueError, match="--method must be"):
-        run(setup, "x", method="qlora")
+        run(setup, "x", method="dora")
     with pytest.raises(ValueError, match="fewer than one global batch"):
         run(setup, "x", micro_batch_size=500)
 
