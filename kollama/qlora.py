@@ -33,6 +33,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from kollama.lora import merged_state_dict
 from kollama.nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, NF4Linear, bits_per_parameter, check_nf4_shape
 from llama.parallel import ParallelLinear
 
@@ -169,3 +170,18 @@ def memory_accounting(model: nn.Module, optimizer: Optional[torch.optim.Optimize
 
 __all__ = ["BLOCK_LINEARS", "QUANTIZABLE", "nf4_storage_bits", "expected_bits_per_parameter", "quantize_base_nf4",
            "model_bits_per_parameter", "memory_accounting"]
+
+
+def nf4_summary(r: dict) -> str:
+    """One line for the log from quantize_base_nf4's report."""
+    return (f"NF4 base: {r['layers']} linears, {r['quantized_params']:,} params in {r['stored_bytes'] / 2**20:.1f} "
+            f"MiB (dense {r['dense_bytes'] / 2**20:.1f} MiB): {r['bits_per_parameter']:.4f} bits/param "
+            f"(formula {r['expected_bits_per_parameter']:.4f}); NF4 error max {r['max_abs_error']:.3g}, "
+            f"relative RMS {r['rel_rms_error']:.3g}")
+
+
+def merged_dense_state(model) -> dict:
+    """Meta-named dense state of this rank with the adapter folded into the dequantized NF4 weights
+    (dequant(NF4(W)) + scale * B A; kollama/qlora.py explains why not W + B A), all in the dense parts' dtype."""
+    dtype = model.tok_embeddings.weight.dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged_state_dict(model).items()}

@@ -40,7 +40,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kollama import data as D
-from llama.parallel import (ParallelEmbedding, ParallelLinear, destroy_model_parallel, get_data_parallel_group,
+from kollama import qlora as Q
+from kollama.distributed import all_reduce, all_reduce_grads, clip_grad_norm, is_model_parallel_sharded
+from llama.parallel import (destroy_model_parallel, get_data_parallel_group,
                             get_data_parallel_rank, get_data_parallel_world_size, get_model_parallel_group,
                             get_model_parallel_rank, get_model_parallel_src_rank, get_model_parallel_world_size,
                             init_distributed, initialize_model_parallel)
@@ -66,65 +68,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
-
-
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def all_reduce_grads(params: List[torch.nn.Parameter], group, bucket_bytes: int = 25 << 20) -> None:
-    """Sum gradients over the data-parallel group, a bucket of flattened grads per collective."""
-    if group is None:
-        return
-    bucket, size = [], 0
-    for p in params + [None]:
-        if p is not None:
-            bucket.append(p.grad)
-            size += p.grad.numel() * p.grad.element_size()
-        if bucket and (p is None or size >= bucket_bytes):
-            flat = torch.cat([g.flatten() for g in bucket])
-            dist.all_reduce(flat, group=group)
-            for g, piece in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(piece.view_as(g))
-            bucket, size = [], 0
-
-
-def is_model_parallel_sharded(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> bool:
-    """Whether ``param`` holds a different slice on each model-parallel rank (vs a replica on each).
-
-    An explicit ``param.model_parallel_sharded`` attribute wins; otherwise the dense weight of a parallel linear
-    or embedding is sharded, a LoRA factor is as its layer's ``shard_dims`` says (lora_A of a row-parallel layer,
-    lora_B of a column-parallel one), and everything else (norms) is replicated.
-    """
-    if get_model_parallel_world_size() == 1:
-        return False
-    explicit = getattr(param, "model_parallel_sharded", None)
-    if explicit is not None:
-        return bool(explicit)
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    if isinstance(owner, (ParallelLinear, ParallelEmbedding)) and leaf == "weight":
-        return True
-    shard_dims = getattr(owner, "shard_dims", None)  # kollama.lora.LoRALinear: {"lora_A": dim or None, ...}
-    if isinstance(shard_dims, dict) and leaf in shard_dims:
-        return shard_dims[leaf] is not None
-    return False
-
-
-def clip_grad_norm(params, sharded_flags, max_norm: float) -> torch.Tensor:
-    """Global gradient norm over all model-parallel ranks (sharded squares all-reduced over the MP group,
-    replicated ones counted once), and scaling of every gradient when it exceeds ``max_norm`` (0 = no clipping)."""
-    sq = torch.zeros(2, dtype=torch.float64, device=params[0].grad.device)  # [sharded, replicated]
-    for p, sharded in zip(params, sharded_flags):
-        sq[0 if sharded else 1] += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double() ** 2
-    total = (_all_reduce(sq[:1], get_model_parallel_group())[0] + sq[1]).sqrt()
-    if max_norm and max_norm > 0:
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
-        for p in params:
-            p.grad.mul_(scale.to(p.grad.dtype))
-    return total.float()
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -326,7 +269,7 @@ def train(
         torch.manual_seed(seed)  # identical init (LoRA factors) on every rank, so replicas agree
         if method == "qlora":  # NF4 base on each rank's local shard, then LoRA as below
             model, base_params, nf4_report = _load_qlora_model(ckpt_dir, tokenizer, seq_len, dev, dtype)
-            say(_nf4_summary(nf4_report))
+            say(Q.nf4_summary(nf4_report))
         else:
             model, base_params = load_model(ckpt_dir, tokenizer, seq_len, dev, dtype, method)
         if method in ("lora", "qlora"):
@@ -410,7 +353,7 @@ def train(
                     sums[0] += forward_loss(chunk, 1).double()
                     sums[1] += D.count_targets(chunk)
             model.train()
-            sums = _all_reduce(sums, dp_group)
+            sums = all_reduce(sums, dp_group)
             return (sums[0] / sums[1]).item()
 
         heldout_docs = P.read_heldout(heldout_text, heldout_limit) if heldout_text else None
@@ -441,7 +384,7 @@ def train(
                 say(f"stage {st.name!r}: steps {st.start + 1}-{st.end}")
             rows = rows_of(step)
             counts = torch.tensor([D.count_targets(rows), sum(map(len, rows))], dtype=torch.float64, device=dev)
-            n_targets, n_tokens = _all_reduce(counts, dp_group).tolist()
+            n_targets, n_tokens = all_reduce(counts, dp_group).tolist()
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             for i in range(0, len(rows), micro_batch_size):
                 loss = forward_loss(rows[i:i + micro_batch_size], max(1, int(n_targets)))
@@ -451,7 +394,7 @@ def train(
                 if p.grad is None:  # unused this step: zeros keep the collectives aligned across ranks
                     p.grad = torch.zeros_like(p)
             all_reduce_grads(params, dp_group)
-            loss_value = _all_reduce(loss_sum, dp_group).item()
+            loss_value = all_reduce(loss_sum, dp_group).item()
             grad_norm = clip_grad_norm(params, sharded_flags, max_grad_norm).item()
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(ckpt_root)
@@ -518,7 +461,7 @@ def _write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_p
         L.save_adapter(model, out / "adapter", {"base_model": str(ckpt_dir), "tokenizer": str(tokenizer_path), **extra})
         outputs["adapter"] = str(out / "adapter")
         if merge and method == "qlora":
-            _write_meta(out / "merged", _qlora_merged_state(model), base_params, tokenizer_path, dp_rank)
+            _write_meta(out / "merged", Q.merged_dense_state(model), base_params, tokenizer_path, dp_rank)
             outputs["merged"] = str(out / "merged")
         elif merge:
             L.merge_lora(model)
@@ -560,8 +503,6 @@ def _load_qlora_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, d
     is quantized straight onto ``device``, so on a GPU the dense block weights never arrive there (peak = NF4
     model + one dense layer). Quantization is deterministic, which keeps --resume exact without saving the
     NF4 buffers. Returns (model, checkpoint params, NF4 report; counts summed over the model-parallel group)."""
-    from kollama import qlora as Q
-
     if dtype is None and device.type == "cuda":
         dtype = "bfloat16"  # compute dtype of the dense parts and of dequantized weights under autocast
     model, params = load_model(ckpt_dir, tokenizer, seq_len, torch.device("cpu"), dtype, "qlora")
@@ -583,22 +524,6 @@ def _load_qlora_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, d
         report["bits_per_parameter"] = 8 * report["stored_bytes"] / report["quantized_params"]
         # the expected value and the relative RMS error stay this rank's (same shapes on every rank)
     return model, params, report
-
-
-def _nf4_summary(r: dict) -> str:
-    return (f"NF4 base: {r['layers']} linears, {r['quantized_params']:,} params in {r['stored_bytes'] / 2**20:.1f} "
-            f"MiB (dense {r['dense_bytes'] / 2**20:.1f} MiB): {r['bits_per_parameter']:.4f} bits/param "
-            f"(formula {r['expected_bits_per_parameter']:.4f}); NF4 error max {r['max_abs_error']:.3g}, "
-            f"relative RMS {r['rel_rms_error']:.3g}")
-
-
-def _qlora_merged_state(model) -> dict:
-    """Meta-named dense state of this rank with the adapter folded into the dequantized NF4 weights
-    (dequant(NF4(W)) + scale * B A; kollama/qlora.py explains why not W + B A), all in the dense parts' dtype."""
-    from kollama import lora as L
-
-    dtype = model.tok_embeddings.weight.dtype
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in L.merged_state_dict(model).items()}
 
 
 class _progress:

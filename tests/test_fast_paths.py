@@ -1,6 +1,5 @@
 """Fast paths give the eager model's answers: the static-shape decode step, torch.compile of it, grouped-query
 attention without copies, and the generate loop's shortcuts (checked against a plain full-forward greedy loop)."""
-import pytest
 import torch
 
 from helpers import random_model, tiny_args

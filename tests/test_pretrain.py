@@ -3,7 +3,6 @@ embedding rows bit-identical (also under 2-way model parallelism), held-out bits
 documents split instead of truncated, and (with LLAMA_TEST_DATA) stories260K + a Korean-expanded tok512 whose
 held-out bits/char falls on NSMC."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

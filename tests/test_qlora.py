@@ -21,7 +21,7 @@ from llama.checkpoint import split_tensor
 from llama.model import Transformer
 from llama.parallel import ParallelLinear
 from lora_workers import TOKENS, train_step
-from qlora_workers import gathered_dequantized, qlora_tp_worker
+from qlora_workers import qlora_tp_worker
 
 WORDS = " ".join(ENGLISH).replace(".", "").replace(",", "").replace("!", "").replace(":", "").split()
 
