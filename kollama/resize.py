@@ -8,6 +8,7 @@ text, such as the padding pieces ``merge`` appends).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -98,15 +99,19 @@ def resize(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite: bool
             yield name, grown[name][rank] if name in grown else read_slice(readers, name, rank, n_shards)
 
     fmt = "safetensors" if readers[0].path.suffix == ".safetensors" else "pth"
+    from_text = sum(1 for r in new_rows if r)
+    info = {"old_vocab": old_vocab, "new_vocab": new_vocab, "shards": n_shards,
+            "mean_of_pieces": from_text, "global_mean": len(new_rows) - from_text}
     with tempfile.TemporaryDirectory() as staging:
-        # The new tokenizer travels with the checkpoint under the name users expect, inside the atomic write.
+        # The new tokenizer travels with the checkpoint under the name users expect, and resize_info.json tells
+        # `kollama.train --trainable embeddings` where the new rows start; both inside the atomic write.
         tokenizer_copy = Path(staging) / "tokenizer.model"
         shutil.copyfile(new_tokenizer, tokenizer_copy)
+        info_file = Path(staging) / "resize_info.json"
+        info_file.write_text(json.dumps(info, indent=2) + "\n")
         try:
             write_checkpoint(out_dir, params, (shard(r) for r in range(n_shards)), fmt=fmt, overwrite=overwrite,
-                             extra_files=[tokenizer_copy])
+                             extra_files=[tokenizer_copy, info_file])
         except ValueError as e:
             raise VocabError(str(e)) from e
-    from_text = sum(1 for r in new_rows if r)
-    return {"old_vocab": old_vocab, "new_vocab": new_vocab, "shards": n_shards,
-            "mean_of_pieces": from_text, "global_mean": len(new_rows) - from_text, "out": str(out_dir)}
+    return {**info, "out": str(out_dir)}

@@ -1,4 +1,6 @@
 """kollama.vocab resize: old rows untouched, new rows the mean of their old pieces, any shard count."""
+import json
+
 import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
@@ -48,6 +50,7 @@ def test_resize_keeps_old_rows_and_initialises_new_ones(tmp_path, tokenizers, mp
     assert info["old_vocab"] == 300 and info["new_vocab"] == new_sp.vocab_size() and info["new_vocab"] % 64 == 0
     assert len(list((tmp_path / "new").glob("consolidated.*"))) == mp
     assert (tmp_path / "new" / "tokenizer.model").read_bytes() == new_tok.read_bytes()
+    assert json.loads((tmp_path / "new" / "resize_info.json").read_text())["old_vocab"] == 300
 
     state, params = load(tmp_path / "new")
     old = model.state_dict()
