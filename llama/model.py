@@ -170,7 +170,11 @@ class Attention(nn.Module):
         # (bsz, heads, seq, head_dim). Query head h reads kv head h // n_rep: contiguous groups, as Meta's repeat_kv;
         # enable_gqa does that inside the kernel instead of materialising n_rep copies of the keys and values.
         q, k, v = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)
+        # No mask and several queries means the square causal case (see Transformer.causal_mask): is_causal lets
+        # the kernel skip the masked half instead of reading a boolean mask.
+        is_causal = mask is None and seqlen > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.n_rep > 1)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -247,8 +251,9 @@ class Transformer(nn.Module):
 
     @staticmethod
     def causal_mask(seqlen: int, start_pos: int, device) -> Optional[torch.Tensor]:
-        """(S, P+S) boolean mask: query i (at position P+i) sees keys 0..P+i. None when S == 1 (sees everything)."""
-        if seqlen == 1:
+        """(S, P+S) boolean mask: query i (at position P+i) sees keys 0..P+i. None when S == 1 (the one query
+        sees everything) and when P == 0 (the square causal mask, which attention applies with is_causal)."""
+        if seqlen == 1 or start_pos == 0:
             return None
         key_pos = torch.arange(start_pos + seqlen, device=device)
         query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
