@@ -27,10 +27,15 @@ def test_two_processes_equal_one(tmp_path):
     ref_model = single.model.requires_grad_(True)
     F.cross_entropy(ref_model(TOKENS[:, :-1], 0, use_cache=False).flatten(0, 1), TOKENS[:, 1:].flatten()).backward()
 
+    # Row-parallel layers sum partial products in another order (an all-reduce), so fp32 rounding differs by a
+    # few tens of ulps of the largest logit; greedy tokens must still be identical.
+    tolerance = 4e-6 * ref_logits.abs().max().item()
     for name in ckpts:
         r0, r1 = ranks[0][name], ranks[1][name]
-        for r in (r0, r1):
-            assert (r["logits"] - ref_logits).abs().max().item() < 1e-5, name
+        for rank, r in enumerate((r0, r1)):
+            diff = (r["logits"] - ref_logits).abs().max().item()
+            print(f"{name} checkpoint, rank {rank} of 2: max |logits - 1-process logits| = {diff:.2e}")
+            assert diff <= tolerance, name
             assert r["greedy"] == ref_greedy, name
         assert r0["sampled"] == r1["sampled"], name  # rank 0 decided, rank 1 received
         for key, p in ref_model.named_parameters():
