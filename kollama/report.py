@@ -87,7 +87,7 @@ def load_run(path, name: Optional[str] = None, problems: Optional[List[str]] = N
     if not (results or config or metrics):
         problems.append(f"{path}: no results.json, config.json or metrics.jsonl found")
     meta = results.get("meta", {}) if isinstance(results.get("meta"), dict) else {}
-    info = {"method": config.get("method"), "data": config.get("data"),
+    info = {"method": _method_label(config), "data": config.get("data"),
             "tokenizer": config.get("tokenizer_path") or meta.get("tokenizer_path"),
             "eval_wall_time_s": meta.get("wall_time_s")}
     for key, names in INFO_KEYS.items():
@@ -95,6 +95,17 @@ def load_run(path, name: Optional[str] = None, problems: Optional[List[str]] = N
     return {"name": name or (folder.name if path.is_dir() else path.stem), "info": info,
             "metrics": flatten_metrics(results.get("tasks", {})), "loss": _curve(metrics, "loss"),
             "dev_loss": _curve(metrics, "dev_loss")}
+
+
+def _method_label(config: dict) -> Optional[str]:
+    """The trainer's method, with the trainable set and task when they say more (lora+embeddings, pretrain)."""
+    method = config.get("method")
+    trainable = config.get("trainable")
+    if method and trainable and trainable != method:
+        method = f"{method} ({trainable})"
+    if method and config.get("task") == "pretrain":
+        method = f"{method}, pretrain"
+    return method
 
 
 def _first(names: Sequence[str], sources: Sequence[dict]):
@@ -153,7 +164,10 @@ def markdown_table(runs: Sequence[dict]) -> str:
                  ("trainable params", "trainable_params"), ("train tokens", "train_tokens"),
                  ("train wall time (s)", "train_wall_time_s"), ("eval wall time (s)", "eval_wall_time_s")]
     for label, key in info_rows:
-        lines.append(f"| {label} | " + " | ".join(_cell(_fmt(r["info"].get(key))) for r in runs) + " |")
+        cells = [r["info"].get(key) for r in runs]
+        if key.endswith("wall_time_s"):  # seconds: one decimal says enough
+            cells = [f"{v:.1f}" if isinstance(v, (int, float)) else v for v in cells]
+        lines.append(f"| {label} | " + " | ".join(_cell(_fmt(v)) for v in cells) + " |")
     for metric in metric_names(runs):
         arrow = "↓" if metric.split(" ")[-1] in LOWER_IS_BETTER else "↑"
         lines.append(f"| {_cell(metric)} {arrow} | " + " | ".join(_fmt(r["metrics"].get(metric)) for r in runs)

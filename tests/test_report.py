@@ -43,7 +43,7 @@ def test_report_markdown_and_charts(tmp_path, capsys):
     assert rows["data"] == "| data | kullm-v2.jsonl | – |"
     assert rows["trainable params"] == "| trainable params | 4,194,304 | – |"
     assert rows["train tokens"] == "| train tokens | 123,456 | – |"
-    assert rows["train wall time (s)"] == "| train wall time (s) | 61.5000 | – |"
+    assert rows["train wall time (s)"] == "| train wall time (s) | 61.5 | – |"
     assert rows["kobest_copa acc ↑"] == "| kobest_copa acc ↑ | 0.6100 | 0.5500 |"
     assert rows["bpc/ud_ko_gsd_dev bits_per_char ↓"] == "| bpc/ud_ko_gsd_dev bits_per_char ↓ | 1.2500 | 1.6000 |"
     assert rows["en2ko/park_dev chrf++ ↑"] == "| en2ko/park_dev chrf++ ↑ | 20.5000 | – |"
@@ -82,3 +82,15 @@ def test_report_errors(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"tasks": {"nsmc": {"acc": 0.8}}}))
     path = R.report(str(tmp_path / "results.json"), out_dir=str(tmp_path / "o"))
     assert "| nsmc acc ↑ | 0.8000 |" in path.read_text(encoding="utf-8")
+
+
+def test_method_label_and_wall_time_format(tmp_path):
+    from kollama.report import load_run, markdown_table
+
+    run = tmp_path / "vocab"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"method": "lora", "trainable": "lora+embeddings", "task": "pretrain",
+                                                 "train_wall_time_s": 33.3}))
+    table = markdown_table([load_run(run)])
+    assert "| method | lora (lora+embeddings), pretrain |" in table
+    assert "| train wall time (s) | 33.3 |" in table
