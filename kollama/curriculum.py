@@ -276,8 +276,11 @@ def build_plan(stage_file, tokenizer, *, template: str, text_field: str, cutoff_
         for ds in spec.datasets:
             key = (ds.path, ds.template or template, ds.field or text_field)
             if key not in cache:
+                file_stats = D.DataStats()  # per file, so each file's log line gives its own counts
                 ex = D.load_examples([ds.path], tokenizer, key[1], cutoff_len, train_on_inputs=train_on_inputs,
-                                     text_field=key[2], stats=stats, split_long=split_long)
+                                     text_field=key[2], stats=file_stats, split_long=split_long)
+                if stats is not None:
+                    stats.add(file_stats)
                 train_ex, dev_part = (ex, []) if dev_data else D.split_dev(ex, dev_fraction, seed)
                 dev_ex += dev_part
                 cache[key] = D.pack(D.shuffled(train_ex, seed), block_size) if packing else train_ex

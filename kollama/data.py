@@ -106,6 +106,13 @@ class DataStats:
             log.warning("skipped %s", message)
         self.skipped.append(message)
 
+    def add(self, other: "DataStats") -> None:
+        """Fold another file's counts into these (a total over several files)."""
+        self.rows += other.rows
+        self.skipped += other.skipped
+        self.truncated += other.truncated
+        self.no_target += other.no_target
+
     def summary(self) -> str:
         return (f"{self.rows} rows read, {len(self.skipped)} malformed rows skipped, {self.truncated} truncated "
                 f"to the cutoff length, {self.no_target} dropped with no target token left")
