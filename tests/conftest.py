@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,13 @@ def need(test_data: Path, *names: str) -> list:
         if not p.exists():
             pytest.skip(f"fixture {p} is missing")
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and on a shared 2-core machine two OpenMP threads spin waiting for
+    each other (~8x slower). Modules of tiny training runs use it with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,6 +25,13 @@ ENGLISH = [
     "She said: I want to read a book about ships, stars, trains and old castles today!",
 ]
 
+WORDS = " ".join(ENGLISH).replace(".", "").replace(",", "").replace("!", "").replace(":", "").split()
+
+
+def short_lines(n: int) -> List[str]:
+    """n short English lines of 4-9 words (several fit one packed block)."""
+    return [" ".join(WORDS[(7 * i) % len(WORDS):][:4 + i % 6]) for i in range(n)]
+
 
 def tiny_args(**overrides) -> ModelArgs:
     base = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=128, multiple_of=16, norm_eps=1e-5,
@@ -63,6 +70,14 @@ def save_meta(model: Transformer, path, mp: int = 1, fmt: str = "pth", extra_fil
             shards[rank].append((name, piece))
     return write_checkpoint(path, params_of(model.params), (iter(s) for s in shards), fmt=fmt,
                             extra_files=extra_files)
+
+
+def tiny_training_base(root: Path) -> tuple:
+    """(tokenizer path, Meta checkpoint path, args) of the tiny base model the trainer tests fine-tune."""
+    tok = train_tiny_tokenizer(root / "tok.model")
+    args = tiny_args(dim=48, n_heads=4, n_kv_heads=2)
+    base = save_meta(random_model(args, seed=1, std=0.1), root / "base")
+    return tok, base, args
 
 
 def train_tiny_tokenizer(path: Path, vocab_size: int = 128) -> Path:

@@ -9,27 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ENGLISH, random_model, save_meta, tiny_args, train_tiny_tokenizer
+from helpers import WORDS, short_lines, tiny_training_base
 from kollama import curriculum as C
 from kollama import train as T
 
-WORDS = " ".join(ENGLISH).replace(".", "").replace(",", "").replace("!", "").replace(":", "").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("curriculum")
-    tok = train_tiny_tokenizer(root / "tok.model")
-    base = save_meta(random_model(tiny_args(dim=48, n_heads=4, n_kv_heads=2), seed=1, std=0.1), root / "base")
-    text = [" ".join(WORDS[(7 * i) % len(WORDS):][:4 + i % 6]) for i in range(40)]
+    tok, base, _ = tiny_training_base(root)
+    text = short_lines(40)
     (root / "text.txt").write_text("\n".join(text) + "\n")
     inst = [{"instruction": " ".join(WORDS[i % 20:][:3]), "input": "", "output": " ".join(WORDS[(3 * i) % 30:][:4])}
             for i in range(30)]

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import need
-from helpers import ENGLISH, free_port, random_model, save_meta, tiny_args, train_tiny_tokenizer
+from helpers import ENGLISH, free_port, tiny_training_base
 from kollama import data as D
 from kollama import train as T
 from kollama.evaluate import bits_per_char
@@ -22,20 +22,13 @@ NEW = 100  # the tiny tokenizer's ids >= NEW play the "pieces a resize appended"
 EMB = ("tok_embeddings.weight", "output.weight")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    tok = train_tiny_tokenizer(root / "tok.model")
-    args = tiny_args(dim=48, n_heads=4, n_kv_heads=2)
-    base = save_meta(random_model(args, seed=1, std=0.1), root / "base")
+    tok, base, args = tiny_training_base(root)
     (root / "d.txt").write_text("\n".join(ENGLISH * 6) + "\n")
     (root / "heldout.txt").write_text("\n".join(ENGLISH[:3]) + "\n")
     return dict(root=root, tok=str(tok), base=str(base), data=str(root / "d.txt"), heldout=str(root / "heldout.txt"))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import ENGLISH, free_port, random_model, save_meta, tiny_args, train_tiny_tokenizer
+from helpers import free_port, random_model, short_lines, tiny_args, tiny_training_base
 from kollama import train as T
 from kollama.lora import TARGETS, apply_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
 from kollama.nf4 import NF4Linear
@@ -23,16 +23,9 @@ from llama.parallel import ParallelLinear
 from lora_workers import TOKENS, train_step
 from qlora_workers import qlora_tp_worker
 
-WORDS = " ".join(ENGLISH).replace(".", "").replace(",", "").replace("!", "").replace(":", "").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared 2-core machine makes 2 OpenMP threads spin)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_of(model, tokens=TOKENS):
@@ -121,10 +114,8 @@ def test_merge_difference_of_a_quantized_base():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora")
-    tok = train_tiny_tokenizer(root / "tok.model")
-    args = tiny_args(dim=48, n_heads=4, n_kv_heads=2)
-    base = save_meta(random_model(args, seed=1, std=0.1), root / "base")
-    lines = [" ".join(WORDS[(7 * i) % len(WORDS):][:4 + i % 6]) for i in range(60)]
+    tok, base, args = tiny_training_base(root)
+    lines = short_lines(60)
     (root / "d.txt").write_text("\n".join(lines) + "\n")
     return dict(root=root, tok=str(tok), base=str(base), data=str(root / "d.txt"), args=args)
 

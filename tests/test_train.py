@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import need
-from helpers import ENGLISH, free_port, random_model, save_meta, tiny_args, train_tiny_tokenizer
+from helpers import free_port, random_model, short_lines, tiny_training_base
 from kollama import train as T
 from kollama.checkpointing import TrainingDiverged
 from llama import Llama
@@ -20,26 +20,17 @@ from llama.checkpoint import open_checkpoint, read_slice
 from train_workers import train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = " ".join(ENGLISH).replace(".", "").replace(",", "").replace("!", "").replace(":", "").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine makes 2 OpenMP threads spin (~8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny base checkpoint, its tokenizer, and a text file of short lines (several fit one packed block)."""
     root = tmp_path_factory.mktemp("train")
-    tok = train_tiny_tokenizer(root / "tok.model")
-    args = tiny_args(dim=48, n_heads=4, n_kv_heads=2)
-    base = save_meta(random_model(args, seed=1, std=0.1), root / "base")
-    lines = [" ".join(WORDS[(7 * i) % len(WORDS):][:4 + i % 6]) for i in range(60)]
+    tok, base, args = tiny_training_base(root)
+    lines = short_lines(60)
     (root / "d.txt").write_text("\n".join(lines) + "\n")
     return dict(root=root, tok=str(tok), base=str(base), data=str(root / "d.txt"), args=args)
 
