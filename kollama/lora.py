@@ -227,7 +227,7 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = ("wq", "wv"), r: int =
 
     Uses the global torch RNG for A (seed model-parallel ranks identically). Returns ``model``, changed in place.
     """
-    targets = _check_targets(targets)
+    targets = check_targets(targets)
     _check_hparams(r, alpha, dropout)
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; build a fresh model to apply different settings")
@@ -245,13 +245,14 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = ("wq", "wv"), r: int =
     return model
 
 
-def _check_targets(targets) -> tuple:
+def check_targets(targets, valid: Sequence[str] = TARGETS, what: str = "LoRA") -> tuple:
+    """Targets as a tuple without repeats, each one of ``valid``; a clear error otherwise."""
     if isinstance(targets, str):  # "wq" would otherwise be read as the targets "w" and "q"
         targets = (targets,)
     targets = tuple(dict.fromkeys(targets))
-    unknown = [t for t in targets if t not in TARGETS]
+    unknown = [t for t in targets if t not in valid]
     if unknown or not targets:
-        raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; valid targets are {list(TARGETS)}")
+        raise ValueError(f"unknown {what} targets {unknown or '(none given)'}; valid targets are {list(valid)}")
     return targets
 
 

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from kollama.lora import merged_state_dict
+from kollama.lora import check_targets, merged_state_dict
 from kollama.nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, NF4Linear, bits_per_parameter, check_nf4_shape
 from llama.parallel import ParallelLinear
 
@@ -57,16 +57,6 @@ def expected_bits_per_parameter(shapes: Iterable[Tuple[int, int]]) -> float:
     return sum(nf4_storage_bits(n) for n in numels) / sum(numels)
 
 
-def _check_targets(targets: Sequence[str]) -> tuple:
-    if isinstance(targets, str):  # "wq" would otherwise be read as "w" and "q"
-        targets = (targets,)
-    targets = tuple(dict.fromkeys(targets))
-    unknown = [t for t in targets if t not in QUANTIZABLE]
-    if unknown or not targets:
-        raise ValueError(f"unknown NF4 targets {unknown or '(none given)'}; valid targets are {list(QUANTIZABLE)}")
-    return targets
-
-
 @torch.no_grad()
 def quantize_base_nf4(model: nn.Module, targets: Sequence[str] = BLOCK_LINEARS, device=None,
                       measure_error: bool = True) -> Dict[str, object]:
@@ -83,7 +73,7 @@ def quantize_base_nf4(model: nn.Module, targets: Sequence[str] = BLOCK_LINEARS, 
     ``expected_bits_per_parameter`` (the storage formula) and, with ``measure_error``, ``max_abs_error`` and
     ``rel_rms_error`` of dequant(NF4(W)) against W over all quantized weights (the merge difference).
     """
-    targets = _check_targets(targets)
+    targets = check_targets(targets, QUANTIZABLE, "NF4")
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, ParallelLinear) and name.rsplit(".", 1)[-1] in targets]
     found = [(n, m) for n, m in found if m.weight is not None]  # already replaced (quantized) layers are skipped
