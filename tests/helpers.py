@@ -55,6 +55,18 @@ def random_model(args: ModelArgs, seed: int = 0, std: float = 0.2) -> Transforme
     return model.eval()
 
 
+def randomize_lora(model, seed: int = 0, std: float = 0.05):
+    """Non-zero B (and perturbed A), so both LoRA factors get gradients and a merge moves the weights."""
+    from kollama.lora import lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_A.add_(std * torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(std * torch.randn(m.lora_B.shape, generator=g))
+    return model
+
+
 def params_of(args: ModelArgs) -> dict:
     return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
             "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import _permute_for_hf, free_port, hf_model, random_model, tiny_args
+from helpers import _permute_for_hf, free_port, hf_model, random_model, randomize_lora, tiny_args
 from kollama.lora import (
     TARGETS,
     LoRALinear,
@@ -34,15 +34,6 @@ from llama.parallel import ColumnParallelLinear, ParallelLinear
 def logits_of(model, tokens=TOKENS):
     with torch.no_grad():
         return model(tokens, 0, use_cache=False)
-
-
-def randomize_lora(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_A.add_(std * torch.randn(m.lora_A.shape, generator=g))
-            m.lora_B.copy_(std * torch.randn(m.lora_B.shape, generator=g))
-    return model
 
 
 def test_init_is_identity_and_freezes(tmp_path):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import free_port, random_model, short_lines, tiny_args, tiny_training_base
+from helpers import free_port, random_model, randomize_lora, short_lines, tiny_args, tiny_training_base
 from kollama import train as T
 from kollama.lora import TARGETS, apply_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
 from kollama.nf4 import NF4Linear
@@ -31,16 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def logits_of(model, tokens=TOKENS):
     with torch.no_grad():
         return model.eval()(tokens, 0, use_cache=False)
-
-
-def randomize_lora(model, seed=0, std=0.05):
-    """Non-zero B (and perturbed A), so both factors get gradients and the merge moves the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_A.add_(std * torch.randn(m.lora_A.shape, generator=g))
-            m.lora_B.copy_(std * torch.randn(m.lora_B.shape, generator=g))
-    return model
 
 
 def dense_twin(quantized, args, seed):
