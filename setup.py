@@ -7,8 +7,10 @@ setup(
     description="Llama 2 in native PyTorch (no fairscale, CPU or CUDA, any shard count) and Korean adaptation tools",
     packages=find_packages(include=["llama", "llama.*", "kollama", "kollama.*"]),
     python_requires=">=3.9",
-    # Runtime: only what inference needs. torch is not pinned so an existing CPU or CUDA build is kept.
-    install_requires=["torch>=2.1", "sentencepiece", "fire", "numpy", "safetensors"],
+    # Runtime: only what inference needs. torch is not pinned so an existing CPU or CUDA build is kept; 2.5 is the
+    # first with grouped-query attention in scaled_dot_product_attention (enable_gqa). `kollama.train --fsdp` needs
+    # 2.8 (FSDP2 with sum reductions) and says so.
+    install_requires=["torch>=2.5", "sentencepiece", "fire", "numpy", "safetensors"],
     extras_require={
         # protobuf: `kollama.vocab merge` edits SentencePiece's ModelProto, which needs the protobuf runtime
         # (sentencepiece ships the generated module but not the runtime); only that command imports it.

@@ -101,7 +101,7 @@ def build(fw: str, wdir: Path, a):
         from kollama.train import clip_grad_norm, token_loss
         from llama.model import ModelArgs, Transformer
 
-        # As kollama.train.load_model: meta-device model, tensors assigned, buffers allocated.
+        # As kollama.loading.load_model: meta-device model, tensors assigned, buffers allocated.
         model = Transformer(ModelArgs(**p, max_batch_size=1), device="meta", dtype=torch.float32)
         model.load_state_dict(load_file(str(wdir / "meta.safetensors")), strict=True, assign=True)
         model.init_buffers(torch.device("cpu"), torch.float32)

@@ -1,13 +1,20 @@
 """Collectives the trainer needs beyond llama.parallel's: gradient sums over the data-parallel group and the
-global gradient norm under model parallelism (sharded parameters' squares summed over the group, replicas once)."""
+global gradient norm under model parallelism (sharded parameters' squares summed over the group, replicas once)
+and FSDP (squares summed over the data-parallel group too)."""
 from __future__ import annotations
 
 from typing import List
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from llama.parallel import ParallelEmbedding, ParallelLinear, get_model_parallel_group, get_model_parallel_world_size
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process stores: a DTensor's local shard (FSDP), else ``t`` itself (a view, writable)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -56,15 +63,20 @@ def is_model_parallel_sharded(model: torch.nn.Module, name: str, param: torch.nn
     return False
 
 
-def clip_grad_norm(params, sharded_flags, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params, sharded_flags, max_norm: float, data_sharded_group=None) -> torch.Tensor:
     """Global gradient norm over all model-parallel ranks (sharded squares all-reduced over the MP group,
-    replicated ones counted once), and scaling of every gradient when it exceeds ``max_norm`` (0 = no clipping)."""
-    sq = torch.zeros(2, dtype=torch.float64, device=params[0].grad.device)  # [sharded, replicated]
-    for p, sharded in zip(params, sharded_flags):
-        sq[0 if sharded else 1] += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double() ** 2
+    replicated ones counted once), and scaling of every gradient when it exceeds ``max_norm`` (0 = no clipping).
+
+    ``data_sharded_group``: under FSDP every gradient is also split over the data-parallel group (a DTensor whose
+    local shard is what this rank holds), so the squares are first summed over that group as well."""
+    grads = [local(p.grad) for p in params]
+    sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device)  # [sharded, replicated] over model parallel
+    for g, sharded in zip(grads, sharded_flags):
+        sq[0 if sharded else 1] += torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2
+    all_reduce(sq, data_sharded_group)
     total = (all_reduce(sq[:1], get_model_parallel_group())[0] + sq[1]).sqrt()
     if max_norm and max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
-        for p in params:
-            p.grad.mul_(scale.to(p.grad.dtype))
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
     return total.float()

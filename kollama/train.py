@@ -21,6 +21,11 @@ shard is quantized after loading (kollama/qlora.py; embedding, norms and output 
 deterministic, so checkpoints hold only the adapter and optimizer and resume stays exact. ``config.json["nf4"]``
 and the first ``metrics.jsonl`` record give the stored bits per base parameter (~4.127 for large layers) and the
 NF4 error. ``--merge`` writes dequant(NF4(W)) + B A, the weight the adapter was trained against, not W + B A.
+
+``--fsdp`` (full fine-tuning of a model that does not fit one device, kollama/fsdp.py): PyTorch FSDP2 shards the
+weights, gradients and AdamW state over the data-parallel group (each of N processes holds 1/N), composing with
+``--model_parallel_size``. The update equals the unsharded run's; checkpoints hold one shard per process, so
+``--resume`` needs the same world; ``model/`` is gathered tensor by tensor.
 """
 from __future__ import annotations
 
@@ -42,14 +47,12 @@ import torch.nn.functional as F
 from kollama import data as D
 from kollama import qlora as Q
 from kollama.distributed import all_reduce, all_reduce_grads, clip_grad_norm, is_model_parallel_sharded
-from llama.parallel import (destroy_model_parallel, get_data_parallel_group,
-                            get_data_parallel_rank, get_data_parallel_world_size, get_model_parallel_group,
-                            get_model_parallel_rank, get_model_parallel_src_rank, get_model_parallel_world_size,
-                            init_distributed, initialize_model_parallel)
+from kollama.loading import NF4_METRICS, load_model, load_qlora_model, trainable_named_parameters
 from kollama.checkpointing import (TrainingDiverged, latest_checkpoint, load_trainer_state, log_metrics,
-                                   save_trainer_state, truncate_metrics, write_json)
-from llama.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
-from llama.model import ModelArgs, Transformer
+                                   save_trainer_state, truncate_metrics, write_json, write_outputs)
+from llama.parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
+                            get_data_parallel_world_size, get_model_parallel_rank, init_distributed,
+                            initialize_model_parallel)
 
 log = logging.getLogger("kollama.train")
 
@@ -72,44 +75,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def load_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, dtype: Optional[str], method: str):
-    """This model-parallel rank's model, loaded like ``Llama.build`` (meta device, then the rank's slices assigned).
-    Returns (model, the checkpoint's params dict for writing Meta folders)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    base_dtype = DTYPES[dtype] if dtype else (
-        torch.bfloat16 if device.type == "cuda" and method in ("lora", "qlora") else torch.float32)
-    checkpoint = open_checkpoint(ckpt_dir)
-    if tokenizer.n_words != checkpoint.vocab_size:
-        raise CheckpointError(
-            f"the tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but {ckpt_dir} has "
-            f"{checkpoint.vocab_size} embedding rows; pass the tokenizer this model was trained with")
-    params = {**checkpoint.params, "max_seq_len": seq_len, "max_batch_size": 1, "vocab_size": checkpoint.vocab_size}
-    model = Transformer(ModelArgs(**params), device="meta", dtype=base_dtype)
-    state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(),
-                                        get_model_parallel_world_size())
-    # Full fine-tuning updates the tensors in place: copy them off the (memory-mapped) checkpoint.
-    state = {k: v.to(device=device, dtype=base_dtype, copy=method == "full") for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.init_buffers(device, base_dtype)  # rope table (and a 1-row KV cache the training forward never uses)
-    model.requires_grad_(method == "full")
-    return model, dict(checkpoint.params)
-
-
-def trainable_named_parameters(model) -> list:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters; check --method and --lora_targets")
-    for _, p in named:  # optimizer state and updates in fp32 even over a bf16 base (autocast does the casting)
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
-    return named
 
 
 def _as_list(x) -> List[str]:
@@ -198,10 +163,6 @@ def train(
     method, merge = P.resolve(trainable, method, merge)
     if method not in ("lora", "qlora", "full"):
         raise ValueError(f"--method must be 'lora', 'qlora' or 'full', got {method!r}")
-    if fsdp:
-        raise NotImplementedError(
-            "--fsdp is not implemented yet. To fit a large model, use --method lora (the frozen base needs no "
-            "optimizer state) and/or split it with --model_parallel_size under torchrun")
     if merge and method not in ("lora", "qlora"):
         raise ValueError("--merge only applies to --method lora or qlora (full fine-tuning already writes model/)")
     if micro_batch_size < 1 or gradient_accumulation_steps < 1:
@@ -221,6 +182,10 @@ def train(
     rank = dist.get_rank() if dist.is_initialized() else 0
     dp_rank, dp_size, dp_group = get_data_parallel_rank(), get_data_parallel_world_size(), get_data_parallel_group()
     mp_rank = get_model_parallel_rank()
+    if fsdp:
+        from kollama.fsdp import check_supported
+
+        check_supported(method, trainable, dp_size, model_parallel_size)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     out = Path(out_dir)
@@ -272,10 +237,10 @@ def train(
         # ---- model ----
         torch.manual_seed(seed)  # identical init (LoRA factors) on every rank, so replicas agree
         if method == "qlora":  # NF4 base on each rank's local shard, then LoRA as below
-            model, base_params, nf4_report = _load_qlora_model(ckpt_dir, tokenizer, seq_len, dev, dtype)
+            model, base_params, nf4_report = load_qlora_model(ckpt_dir, tokenizer, seq_len, dev, dtype)
             say(Q.nf4_summary(nf4_report))
         else:
-            model, base_params = load_model(ckpt_dir, tokenizer, seq_len, dev, dtype, method)
+            model, base_params = load_model(ckpt_dir, tokenizer, seq_len, dev, dtype, method, fsdp=fsdp)
         if method in ("lora", "qlora"):
             from kollama import lora as L
 
@@ -314,7 +279,8 @@ def train(
             if path is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}; run without --resume to start")
             P.check_resume(path, config)  # the trainable set and row mask, which MUST_MATCH does not cover
-            step = load_trainer_state(path, model, named, optimizer, scheduler, config, fingerprint, rank, mp_rank)
+            step = load_trainer_state(path, model, named, optimizer, scheduler, config, fingerprint, rank, mp_rank,
+                                      dp_rank, fsdp)
             say(f"resumed from {path} at step {step}")
         else:
             torch.manual_seed(seed + 1 + dp_rank)  # dropout: same on model-parallel peers, new per data shard
@@ -324,7 +290,7 @@ def train(
             write_json(out / "config.json", config)
             truncate_metrics(out / "metrics.jsonl", step)
         if method == "qlora" and step == 0:
-            log_metrics(out, is_main, {"step": 0, "event": "nf4", **{k: nf4_report[k] for k in _NF4_METRICS}})
+            log_metrics(out, is_main, {"step": 0, "event": "nf4", **{k: nf4_report[k] for k in NF4_METRICS}})
 
         # ---- loop ----
         def rows_of(step_: int) -> List[D.Example]:
@@ -351,9 +317,16 @@ def train(
             model.eval()
             mine = dev_rows[dp_rank::dp_size]
             sums = torch.zeros(2, dtype=torch.float64, device=dev)
+            # Under FSDP every forward is collective (it gathers the weights), so every rank runs as many as
+            # rank 0, which has the most rows; a rank out of rows scores one row and throws the result away.
+            n_chunks = math.ceil(len(dev_rows[0::dp_size]) / micro_batch_size) if fsdp else \
+                math.ceil(len(mine) / micro_batch_size)
             with torch.no_grad():
-                for i in range(0, len(mine), micro_batch_size):
+                for i in range(0, n_chunks * micro_batch_size, micro_batch_size):
                     chunk = mine[i:i + micro_batch_size]
+                    if not chunk:
+                        forward_loss(dev_rows[:1], 1)
+                        continue
                     sums[0] += forward_loss(chunk, 1).double()
                     sums[1] += D.count_targets(chunk)
             model.train()
@@ -397,9 +370,11 @@ def train(
             for p in params:
                 if p.grad is None:  # unused this step: zeros keep the collectives aligned across ranks
                     p.grad = torch.zeros_like(p)
-            all_reduce_grads(params, dp_group)
+            if not fsdp:  # FSDP has already reduce-scattered (summed) them during backward
+                all_reduce_grads(params, dp_group)
             loss_value = all_reduce(loss_sum, dp_group).item()
-            grad_norm = clip_grad_norm(params, sharded_flags, max_grad_norm).item()
+            grad_norm = clip_grad_norm(params, sharded_flags, max_grad_norm,
+                                       data_sharded_group=dp_group if fsdp else None).item()
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(ckpt_root)
                 log_metrics(out, is_main, {"step": step + 1, "event": "diverged", "loss": loss_value,
@@ -427,7 +402,7 @@ def train(
             bar.update(1, loss_value)
             if (save_every and step % save_every == 0) or step == stop_at_step:
                 save_trainer_state(ckpt_root, step, model, named, optimizer, scheduler, config, fingerprint,
-                                   rank, mp_rank, dp_rank, save_total_limit)
+                                   rank, mp_rank, dp_rank, save_total_limit, fsdp)
             if step == stop_at_step:
                 break
         bar.close()
@@ -435,8 +410,8 @@ def train(
         # ---- outputs ----
         outputs = {}
         if step == total_steps:
-            outputs = _write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_path, config,
-                                     dp_rank)
+            outputs = write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_path, config,
+                                     dp_rank, fsdp)
         summary = {"step": step, "total_steps": total_steps, "loss": history["loss"],
                    "dev_loss": history["dev_loss"], "outputs": outputs, "skipped_rows": len(stats.skipped),
                    "truncated": stats.truncated, "heldout_bpc": history["heldout_bpc"],
@@ -449,85 +424,6 @@ def train(
 
 
 TRAIN_ARGS = set(train.__code__.co_varnames[:train.__code__.co_argcount]) - {"progress"}
-
-
-def _write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_path, config, dp_rank) -> dict:
-    """adapter/ (LoRA), merged/ (LoRA + --merge) or model/ (full): Meta layout, one shard per model-parallel rank.
-    Every rank calls this (save_adapter is collective); data-parallel replicas hold equal weights, so only the
-    first model-parallel group gathers and writes the Meta folders."""
-    outputs = {}
-    if method in ("lora", "qlora"):
-        from kollama import lora as L
-
-        extra = {k: config[k] for k in ("template", "cutoff_len", "train_on_inputs", "total_steps", "seed")}
-        if method == "qlora":  # the adapter was trained against NF4(base): load it onto a quantized base
-            extra["base_quantization"] = "nf4"
-        L.save_adapter(model, out / "adapter", {"base_model": str(ckpt_dir), "tokenizer": str(tokenizer_path), **extra})
-        outputs["adapter"] = str(out / "adapter")
-        if merge and method == "qlora":
-            _write_meta(out / "merged", Q.merged_dense_state(model), base_params, tokenizer_path, dp_rank)
-            outputs["merged"] = str(out / "merged")
-        elif merge:
-            L.merge_lora(model)
-            _write_meta(out / "merged", L.base_state_dict(model), base_params, tokenizer_path, dp_rank)
-            outputs["merged"] = str(out / "merged")
-    else:
-        _write_meta(out / "model", model.state_dict(), base_params, tokenizer_path, dp_rank)
-        outputs["model"] = str(out / "model")
-    return outputs
-
-
-def _write_meta(dst: Path, local_state: dict, params: dict, tokenizer_path: str, dp_rank: int) -> None:
-    """Gather every model-parallel rank's shard on the group's first rank and write them as consolidated.NN."""
-    if dp_rank == 0:
-        local = {k: v.detach().to("cpu") for k, v in local_state.items()}
-        group = get_model_parallel_group()
-        if group is None:
-            shards = [local]
-        else:
-            shards = [None] * get_model_parallel_world_size() if get_model_parallel_rank() == 0 else None
-            dist.gather_object(local, shards, dst=get_model_parallel_src_rank(), group=group)
-        if get_model_parallel_rank() == 0:
-            write_checkpoint(dst, params, (iter(s.items()) for s in shards), overwrite=True,
-                             extra_files=[Path(tokenizer_path)])
-    if dist.is_initialized():
-        dist.barrier()
-
-
-
-# ---- QLoRA (--method qlora): NF4 base loading, its report, and merging; see kollama/qlora.py ----
-_NF4_METRICS = ("bits_per_parameter", "expected_bits_per_parameter", "quantized_params", "stored_bytes",
-                "dense_bytes", "max_abs_error", "rel_rms_error")
-
-
-def _load_qlora_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, dtype: Optional[str]):
-    """This rank's model with every transformer-block linear in NF4 (embedding, norms and output dense).
-
-    The checkpoint slices are opened on the CPU (memory-mapped, not copied) and each block linear's local shard
-    is quantized straight onto ``device``, so on a GPU the dense block weights never arrive there (peak = NF4
-    model + one dense layer). Quantization is deterministic, which keeps --resume exact without saving the
-    NF4 buffers. Returns (model, checkpoint params, NF4 report; counts summed over the model-parallel group)."""
-    if dtype is None and device.type == "cuda":
-        dtype = "bfloat16"  # compute dtype of the dense parts and of dequantized weights under autocast
-    model, params = load_model(ckpt_dir, tokenizer, seq_len, torch.device("cpu"), dtype, "qlora")
-    report = Q.quantize_base_nf4(model, device=device)
-    if device.type != "cpu":
-        with torch.no_grad():
-            for p in model.parameters():  # what stayed dense: embedding, norms, output
-                p.data = p.data.to(device)
-        model.init_buffers(device, DTYPES[dtype])
-    group = get_model_parallel_group()
-    if group is not None:  # global figures: every rank quantized only its shard
-        keys = ("quantized_params", "stored_bytes", "dense_bytes")  # "layers" is per rank: shards of the same ones
-        totals = torch.tensor([float(report[k]) for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(totals, group=group)
-        report.update({k: int(v) for k, v in zip(keys, totals.tolist())})
-        worst = torch.tensor([report["max_abs_error"]], dtype=torch.float64, device=device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-        report["max_abs_error"] = worst.item()
-        report["bits_per_parameter"] = 8 * report["stored_bytes"] / report["quantized_params"]
-        # the expected value and the relative RMS error stay this rank's (same shapes on every rank)
-    return model, params, report
 
 
 class _progress:

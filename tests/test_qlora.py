@@ -192,14 +192,18 @@ def test_tensor_parallel_qlora_equals_one_process(tmp_path):
     one_proc_nf4 = random_model(args, seed=11, std=0.3)
     quantize_base_nf4(one_proc_nf4)
     one_proc = logits_of(load_adapter(one_proc_nf4, tmp_path / "adapter"), TOKENS[:, :-1])
+    # Row-parallel layers sum partial products in another order (an all-reduce): fp32 rounding differs by a few
+    # tens of ulps of the largest logit, as in test_parallel.
+    tolerance = 4e-6 * single["logits"].abs().max().item()
     for r in ranks:
         logit_diff = (r["logits"] - single["logits"]).abs().max().item()
-        assert logit_diff <= 1e-5
+        assert logit_diff <= tolerance, (logit_diff, tolerance)
         for k, g in single["grads"].items():
             assert torch.allclose(r["grads"][k], g, atol=1e-5, rtol=1e-4), k
         for k, v in single["after"].items():
             assert torch.allclose(r["after"][k], v, atol=1e-5), k  # AdamW step 1 ~ lr*sign(grad): see test_lora
-    print(f"TP=2 QLoRA vs 1-process dense(dequantized shards): logits max |diff| {logit_diff:.2e}; vs 1-process "
+    print(f"TP=2 QLoRA vs 1-process dense(dequantized shards): logits max |diff| {logit_diff:.2e} (tolerance "
+          f"{tolerance:.2e}); vs 1-process "
           f"QLoRA (NF4 of unsharded weights, another rounding): {(ranks[0]['logits'] - one_proc).abs().max():.3f}")
     assert ranks[0]["report"]["layers"] == 2 * 7
 

@@ -165,8 +165,6 @@ def test_cli_and_clear_errors(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / "adapter.safetensors").is_file() and "trainable params" in proc.stdout
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 2]
-    with pytest.raises(NotImplementedError, match="--fsdp is not implemented"):
-        run(setup, "x", fsdp=True)
     with pytest.raises(ValueError, match="--method must be"):
         run(setup, "x", method="dora")
     with pytest.raises(ValueError, match="fewer than one global batch"):
