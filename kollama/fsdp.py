@@ -66,7 +66,10 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: Optional[
 
     ``param_dtype``: the dtype weights are all-gathered and computed in (e.g. bf16 on CUDA); the shards, the
     gradients' reduction and AdamW stay fp32."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # cast_forward_inputs=False: each block is handed the rope table, which must stay fp32 (a complex multiply);
+    # the activations follow the weights' dtype without being cast.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=policy)

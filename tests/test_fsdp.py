@@ -63,8 +63,16 @@ def assert_same_run(got, ref, what):
 
 def test_fsdp_on_two_processes_equals_one(setup):
     root = setup["root"]
-    (fsdp,) = spawn(setup, 2, [dict(fsdp=True, out_dir=str(root / "fsdp2"))])
+    fsdp, bf16 = spawn(setup, 2, [dict(fsdp=True, out_dir=str(root / "fsdp2")),
+                                  dict(fsdp=True, dtype="bfloat16", out_dir=str(root / "fsdp2-bf16"))])
     assert_same_run(fsdp, setup["reference"], "fsdp x2")
+    # Mixed precision (the CUDA default): weights gathered and used in bf16, the shards and AdamW stay fp32. bf16
+    # keeps 8 bits of mantissa, so a loss of ~5 moves by a few 1e-3 at most.
+    ref = setup["reference"]
+    diffs = [abs(a - b) for (_, a), (_, b) in zip(bf16["loss"] + bf16["dev_loss"], ref["loss"] + ref["dev_loss"])]
+    assert 1e-5 < max(diffs) < 1e-2, (bf16["loss"], ref["loss"])  # it did compute in bf16, and only rounding moved
+    bf16_shard = load_file(str(root / "fsdp2-bf16/checkpoints/step-000004/weights.mp00.dp00.safetensors"))
+    assert {t.dtype for t in bf16_shard.values()} == {torch.float32}
 
     # Each process saved only its half (dim-0 chunk) of every weight and of AdamW's moments, and the halves
     # are the final weights.
