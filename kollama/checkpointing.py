@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from kollama.distributed import local
 from llama.checkpoint import write_checkpoint
 from llama.parallel import (get_model_parallel_group, get_model_parallel_rank, get_model_parallel_src_rank,
                             get_model_parallel_world_size)
@@ -76,8 +77,6 @@ def _shard_suffix(mp_rank: int, dp_rank: int, fsdp: bool) -> str:
 
 def save_trainer_state(root, step: int, model, named, optimizer, scheduler, config: dict, fingerprint,
                        rank: int, mp_rank: int, dp_rank: int, keep: int = 2, fsdp: bool = False) -> Path:
-    from kollama.distributed import local
-
     root = Path(root)
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
     if rank == 0:
@@ -119,8 +118,6 @@ def save_trainer_state(root, step: int, model, named, optimizer, scheduler, conf
 def load_trainer_state(path, model, named, optimizer, scheduler, config: dict, fingerprint, rank: int,
                        mp_rank: int, dp_rank: int = 0, fsdp: bool = False) -> int:
     """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; returns the step to continue at."""
-    from kollama.distributed import local
-
     path = Path(path)
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
@@ -144,10 +141,11 @@ def load_trainer_state(path, model, named, optimizer, scheduler, config: dict, f
                          f"(e.g. {sorted(set(tensors) ^ names)[:5]})")
     with torch.no_grad():
         for n, p in named:
-            if local(p).shape != tensors[n].shape:
+            held = local(p)
+            if held.shape != tensors[n].shape:
                 raise ValueError(f"{path}: {n} was saved with shape {tuple(tensors[n].shape)} but this process "
-                                 f"holds {tuple(local(p).shape)}; resume with the same world and parallel sizes")
-            local(p).copy_(tensors[n])
+                                 f"holds {tuple(held.shape)}; resume with the same world and parallel sizes")
+            held.copy_(tensors[n])
     optim_state = torch.load(path / f"optimizer.{suffix}.pt", map_location="cpu", weights_only=True)
     if fsdp:
         from kollama.fsdp import sharded_optimizer_state
@@ -209,11 +207,12 @@ def write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_pa
             write_meta(out / "merged", L.base_state_dict(model), base_params, tokenizer_path, dp_rank)
             outputs["merged"] = str(out / "merged")
     else:
-        state = model.state_dict()
         if fsdp:
             from kollama.fsdp import gather_full_state
 
             state = gather_full_state(model, keep=dp_rank == 0)
+        else:
+            state = model.state_dict()
         write_meta(out / "model", state, base_params, tokenizer_path, dp_rank)
         outputs["model"] = str(out / "model")
     return outputs
