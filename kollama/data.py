@@ -4,11 +4,14 @@ Readers (``read_rows``) accept
 * ``.jsonl`` (one JSON object per line) and ``.json`` (a top-level array of objects; a ``.json`` file that does not
   start with ``[`` is read as JSONL, as many "json" instruction sets are);
 * ``.txt`` (one document per line, blank lines skipped).
+Files are decoded with ``encoding`` (default UTF-8; a leading UTF-8 BOM is accepted); a file that does not decode is
+a DataError naming ``file:line`` of the first bad byte, and a CP949/EUC-KR file (common in Korean data) is recognised
+and named, with ``--encoding cp949`` or ``iconv`` as the fix.
 A row is an *instruction* (``instruction`` [+ ``input``] + ``output``: kullm-v2 / KoAlpaca / Alpaca; KULLM's eval
 layout with ``instances: [{input, output}]`` expands to one row per instance), a *chat* (``messages: [{role,
 content}]`` or ShareGPT ``conversations: [{from, value}]`` with human->user, gpt->assistant, system->system) or
 *text* (``text_field`` of a JSON row, or a line of a .txt file). Malformed rows are reported as ``file:line: why``,
-skipped and counted; no usable row at all is an error.
+skipped and counted; no usable row at all is an error that gives the counts, the first reason and the fix.
 
 Templates (``encode_row``): ``kullm`` and ``alpaca`` are the exact prompt strings of KULLM and Stanford Alpaca;
 ``llama2-chat`` goes through ``llama.chat_format.encode_dialog_turns``, so training formats a dialog exactly as
@@ -25,9 +28,12 @@ crosses a boundary, the logits equal those of the example alone at positions 0..
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -67,6 +73,10 @@ TEMPLATES = ("kullm", "alpaca", "llama2-chat", "text")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
 MAX_LOGGED = 20  # skipped rows logged one by one; the rest only counted
+HANGUL = re.compile("[\uac00-\ud7a3]")
+# json.loads turns an escaped half of a surrogate pair ("\ud83d" alone: an emoji cut in two) into a lone surrogate,
+# which is not text: sentencepiece cannot encode it.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -121,6 +131,90 @@ class DataStats:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------------------------
+def _universal_newlines(text: str) -> str:
+    """\r\n and \r as \n, as open() in text mode reads them."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """Where a converted copy of ``path`` goes: same folder, ``suffix`` (never ``path`` itself)."""
+    out = path.with_suffix(suffix)
+    return out if out != path else path.with_name(path.stem + ".converted" + suffix)
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The text of a data file decoded with ``encoding``, newlines as open() in text mode gives them. A UTF-8 file
+    may start with a BOM (Windows editors write one; utf-8-sig). Every failure is one DataError line: an unreadable
+    file, an unknown codec, or bytes that do not decode (``file:line`` of the first bad byte, the encoding the file
+    seems to be in, and the fix)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}; check its permissions") from None
+    try:
+        codec = codecs.lookup(encoding).name
+        if codec in ("utf-8", "utf-8-sig"):  # the BOM goes by hand, not by utf-8-sig, so error offsets index raw
+            codec = "utf-8"
+            if raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+        return _universal_newlines(raw.decode(codec))
+    except (LookupError, TypeError):  # unknown name, a bytes-to-bytes codec (base64), not a string at all
+        raise DataError(f"unknown text encoding {encoding!r} (--encoding); use a Python codec name such as utf-8, "
+                        f"cp949 or euc-kr") from None
+    except UnicodeDecodeError as e:
+        bad = e
+    line = _universal_newlines(raw[:bad.start].decode(codec, errors="replace")).count("\n") + 1
+    where = f"{path}:{line}: not valid {encoding} (byte 0x{raw[bad.start]:02X})"
+    guess = _guess_encoding(raw, codec)
+    if guess == "utf-8":
+        raise DataError(f"{where}; the file is valid UTF-8: drop --encoding {encoding} (utf-8 is the default)")
+    why, name = {"utf-16": ("it starts with a UTF-16 byte-order mark (Windows 'Unicode' text)", "utf-16"),
+                 "cp949": ("it looks like CP949/EUC-KR (Korean Windows encoding)", "cp949"),
+                 None: ("", "ENCODING")}[guess]
+    option = f"pass --encoding {name}" if guess else "pass the file's encoding with --encoding (e.g. --encoding cp949)"
+    raise DataError(f"{where}; {why + ': ' if why else ''}{option}, or convert it to UTF-8 once with: "
+                    f"iconv -f {name} -t utf-8 {shlex.quote(str(path))} > "
+                    f"{shlex.quote(str(_sibling(path, '.utf8' + path.suffix)))}")
+
+
+def _guess_encoding(raw: bytes, failed: str) -> Optional[str]:
+    """What a file that did not decode as ``failed`` probably is: utf-8 if it decodes as UTF-8, utf-16 if it starts
+    with a UTF-16 BOM, cp949 (a superset of EUC-KR) if it decodes to Hangul (a few stray high bytes of another
+    encoding can decode as CP949 by chance, Hangul rarely), else None."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    for guess in ("utf-8", "cp949"):
+        if guess == failed:
+            continue
+        try:
+            decoded = raw.decode(guess)
+        except UnicodeDecodeError:
+            continue
+        if guess == "utf-8" or HANGUL.search(decoded):
+            return guess
+    return None
+
+
+def _reject_one_document(text: str, path: Path, line: int) -> None:
+    """Raise DataError if ``text`` (read as JSONL, its first record broken) is one JSON value over several lines,
+    e.g. AI Hub's or KorQuAD's ``{"data": [...]}``: reported row by row it would read as every line malformed."""
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        return  # not one document either: report the broken lines one by one
+    # Only an object gets here: a text starting with "[" is read as an array, and a string or number fits one line.
+    hint = ""
+    lists = [k for k, v in whole.items() if isinstance(v, list)]
+    if lists:
+        key = lists[0]
+        hint = f"; its rows seem to be the list under {key!r}"
+        if key.isidentifier():
+            out = shlex.quote(str(_sibling(path, ".jsonl")))
+            hint += f": extract them with: jq -c '.{key}[]' {shlex.quote(str(path))} > {out}"
+    raise DataError(f"{path}:{line}: one JSON object spread over several lines, not rows; write one row per line "
+                    f"(JSONL) or a .json array of rows{hint}")
+
+
 def _iter_json_array(text: str, path: Path) -> Iterator[Tuple[int, object]]:
     """(line, item) for each item of a top-level JSON array, with the line each item starts on."""
     dec = json.JSONDecoder()
@@ -141,25 +235,29 @@ def _iter_json_array(text: str, path: Path) -> Iterator[Tuple[int, object]]:
         yield line, item
 
 
-def _iter_records(path: Path, text_field: str) -> Iterator[Tuple[int, object]]:
+def _iter_records(path: Path, text_field: str, encoding: str = "utf-8") -> Iterator[Tuple[int, object]]:
     """(line number, parsed JSON value or str) of every non-blank record; a JSON syntax error yields BadRow."""
+    text = read_text(path, encoding)
     if path.suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    yield i, {text_field: line.rstrip("\r\n")}
+        for i, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                yield i, {text_field: line}
         return
-    text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         yield from _iter_json_array(text, path)
         return
+    first = True
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            yield i, BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
+            if first:
+                _reject_one_document(text, path, i)
+            record = BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
+        first = False
+        yield i, record
 
 
 def _string(row: dict, key: str, required: bool = True) -> str:
@@ -169,6 +267,10 @@ def _string(row: dict, key: str, required: bool = True) -> str:
     if not isinstance(value, str):
         what = "missing" if value is None else f"of type {type(value).__name__}, not a string"
         raise BadRow(f"field {key!r} is {what}")
+    bad = SURROGATE.search(value)
+    if bad:
+        raise BadRow(f"field {key!r} holds an unpaired surrogate {bad.group()!r} (half of an escaped emoji); "
+                     f"fix or drop the row")
     return value
 
 
@@ -180,9 +282,10 @@ def _chat_messages(turns, source_key: str) -> List[dict]:
         if not isinstance(t, dict):
             raise BadRow(f"a turn of {source_key!r} is a {type(t).__name__}, not an object")
         if source_key == "conversations":
-            role = SHAREGPT_ROLES.get(t.get("from"))
+            speaker = t.get("from")
+            role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None  # a list is unhashable
             if role is None:
-                raise BadRow(f"unknown ShareGPT speaker {t.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+                raise BadRow(f"unknown ShareGPT speaker {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
             content = _string(t, "value")
         else:
             role, content = t.get("role"), _string(t, "content")
@@ -219,20 +322,27 @@ def parse_record(record, text_field: str = "text") -> List[Tuple[str, object]]:
                                  "output": _string(record, "output")})]
     if text_field in record:
         return [("text", _string(record, text_field))]
+    texts = [k for k, v in record.items() if isinstance(v, str)]
+    fix = f"; to train on {texts[0]!r} as plain text use --text_field {texts[0]} --template text" if texts else ""
     raise BadRow(f"no known fields: expected 'instruction'+'output', 'messages', 'conversations' or {text_field!r}; "
-                 f"found {sorted(record)[:8]}")
+                 f"found {sorted(record)[:8]}{fix}")
 
 
-def read_rows(paths, text_field: str = "text", stats: Optional[DataStats] = None) -> List[Row]:
-    """Every usable row of the given files, in file order; malformed ones go to ``stats.skipped``."""
+def read_rows(paths, text_field: str = "text", stats: Optional[DataStats] = None,
+              encoding: str = "utf-8") -> List[Row]:
+    """Every usable row of the given files (decoded with ``encoding``), in file order; malformed ones go to
+    ``stats.skipped``."""
     stats = stats if stats is not None else DataStats()
     if isinstance(paths, (str, Path)):
         paths = [paths]
     rows: List[Row] = []
     for path in map(Path, paths):
+        if path.is_dir():
+            raise DataError(f"data path {str(path)!r} is a directory; pass the .jsonl/.json/.txt files in it to "
+                            f"--data (comma-separated)")
         if not path.is_file():
             raise DataError(f"data file {str(path)!r} not found; pass existing .jsonl/.json/.txt files to --data")
-        for line, record in _iter_records(path, text_field):
+        for line, record in _iter_records(path, text_field, encoding):
             stats.rows += 1
             try:
                 items = parse_record(record, text_field)
@@ -301,15 +411,16 @@ def encode_row(row: Row, tokenizer, template: str, train_on_inputs: bool = False
 
 def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_inputs: bool = False,
                   text_field: str = "text", stats: Optional[DataStats] = None,
-                  split_long: bool = False) -> List[Example]:
-    """Read, template, truncate to ``cutoff_len`` (or, with ``split_long``, cut into pieces of at most
-    ``cutoff_len``: continued pretraining keeps all of a long document); logs a summary. Raises DataError when
-    nothing is usable."""
+                  split_long: bool = False, encoding: str = "utf-8") -> List[Example]:
+    """Read (files decoded with ``encoding``), template, truncate to ``cutoff_len`` (or, with ``split_long``, cut
+    into pieces of at most ``cutoff_len``: continued pretraining keeps all of a long document); logs a summary.
+    Raises DataError when nothing is usable."""
     if cutoff_len < 2:
         raise DataError(f"cutoff_len must be >= 2 (a token and its target), got {cutoff_len}")
     stats = stats if stats is not None else DataStats()
     examples = []
-    for row in read_rows(paths, text_field, stats):
+    first_dropped = None  # (source, cutoff_len that keeps its first target), for the error when nothing is left
+    for row in read_rows(paths, text_field, stats, encoding):
         try:
             ex = encode_row(row, tokenizer, template, train_on_inputs)
         except BadRow as e:
@@ -318,21 +429,45 @@ def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_
         if split_long and len(ex) > cutoff_len:
             examples += [piece for piece in split_example(ex, cutoff_len) if count_targets([piece])]
             continue
+        full = ex
         if len(ex) > cutoff_len:
             ex = Example(ex.input_ids[:cutoff_len], ex.labels[:cutoff_len])
             stats.truncated += 1
         if all(t == IGNORE_INDEX for t in ex.labels):
             stats.no_target += 1
+            if first_dropped is None:
+                need = next((i + 1 for i, t in enumerate(full.labels) if t != IGNORE_INDEX), len(full))
+                first_dropped = (row.source, need)
             continue
         examples.append(ex)
-    log.info("%s: %s", ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths)), stats.summary())
+    where = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
+    log.info("%s: %s", where, stats.summary())
     if len(stats.skipped) > MAX_LOGGED:
         log.warning("... and %d more malformed rows", len(stats.skipped) - MAX_LOGGED)
     if not examples:
-        first = f" (first problem: {stats.skipped[0]})" if stats.skipped else ""
-        raise DataError(f"no usable training examples in {paths} with template {template!r}: {stats.summary()}"
-                        f"{first}; check the file format and --template")
+        raise _nothing_to_train(where, template, cutoff_len, stats, first_dropped)
     return examples
+
+
+def _nothing_to_train(where: str, template: str, cutoff_len: int, stats: DataStats,
+                      first_dropped: Optional[Tuple[str, int]]) -> DataError:
+    """The one-line error for data that gave no example: counts, the first reason with its file:line, the fix."""
+    if not where:
+        return DataError("no data files given; pass .jsonl/.json/.txt files to --data")
+    if stats.rows == 0:
+        return DataError(f"no training rows in {where}: the files are empty (or only blank lines); pass the files "
+                         f"that hold the data to --data")
+    parts = [f"no usable training examples in {where} with --template {template}: {stats.rows} rows read, "
+             f"{len(stats.skipped)} skipped, {stats.no_target} dropped at --cutoff_len {cutoff_len}"]
+    if stats.skipped:  # the reason itself names the --template or --text_field that fits, when one does
+        parts.append(f"first skipped: {stats.skipped[0]}")
+        parts.append("fix those rows, or use the --template/--text_field that fits them")
+    if first_dropped is not None:
+        source, need = first_dropped
+        parts.append(f"first dropped: {source}: its prompt fills the cutoff and leaves no answer token to train on")
+        parts.append(f"use --cutoff_len {need} or more (so that row keeps its first answer token), or shorter "
+                     f"prompts")
+    return DataError("; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------------------------
