@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import WORDS, short_lines, tiny_training_base
 from kollama import curriculum as C
+from kollama import data as D
 from kollama import train as T
 
 
@@ -66,7 +67,7 @@ def test_stages_run_in_order_with_their_steps_and_lr(setup):
 
 def test_mixing_follows_the_weights_and_cycles_without_repeats():
     assert C.shares(10, [2, 1]) == [7, 3] and C.shares(9, [1, 1, 1]) == [3, 3, 3] and sum(C.shares(7, [.3, .3])) == 7
-    ex = lambda i: T.D.Example([1, i], [-100, i])  # noqa: E731
+    ex = lambda i: D.Example([1, i], [-100, i])  # noqa: E731
     a, b = [ex(i) for i in range(6)], [ex(100 + i) for i in range(30)]
     st = C.Stage("s", 0, 0, 27, 9, [a, b], C.shares(36, [1, 1]), None, None, None)
     plan = C.CurriculumPlan([st], [], global_batch=4, seed=0)
@@ -145,7 +146,7 @@ def test_build_translation_both_directions(tmp_path, capsys):
     assert {r["instruction"] for r in a} == set(C.PHRASINGS["en2ko"] + C.PHRASINGS["ko2en"])
     assert [r["input"] for r in C.translation_rows(kos, ens, directions="en2ko")] == ens
     # the rows are training data for the instruction templates
-    ex = T.D.read_rows(tmp_path / "t.jsonl")
+    ex = D.read_rows(tmp_path / "t.jsonl")
     assert [r.kind for r in ex] == ["instruction"] * 4
 
 

@@ -14,6 +14,7 @@ from kollama import data as D
 from kollama import train as T
 from kollama.evaluate import bits_per_char
 from kollama.pretrain import PretrainError
+from kollama.train import ConfigError
 from llama import Llama
 from llama.checkpoint import open_checkpoint, read_slice
 from train_workers import train_worker
@@ -89,7 +90,7 @@ def test_lora_plus_embeddings_trains_lora_and_all_embedding_rows(setup):
 def test_trainable_errors(setup):
     with pytest.raises(PretrainError, match="--new_rows_from"):
         run(setup, "x", trainable="embeddings")
-    with pytest.raises(PretrainError, match="must be one of"):
+    with pytest.raises(ConfigError, match="--trainable must be one of"):
         run(setup, "x", trainable="head")
     with pytest.raises(PretrainError, match="drop --method full"):
         run(setup, "x", trainable="lora+embeddings", method="full")
