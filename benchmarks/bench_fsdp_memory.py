@@ -72,7 +72,8 @@ def worker(out: Path, train_args: list) -> None:
     """One torchrun rank: baseline, then kollama.train with a sampler thread; writes mem.rankN.json."""
     import torch
 
-    import kollama.train as T  # the whole trainer is imported before the baseline is taken
+    import kollama.train.recipe as R  # the whole trainer is imported before the baseline is taken
+    from kollama.train.__main__ import run as train_cli
 
     torch.ones(8, 8) @ torch.ones(8, 8)  # torch's one-time runtime init belongs to the baseline
     rank = int(os.environ.get("RANK", "0"))
@@ -100,14 +101,14 @@ def worker(out: Path, train_args: list) -> None:
             return result
         return wrapped
 
-    T.load_model = mark("load", T.load_model)
-    T.save_trainer_state = mark("save", T.save_trainer_state)
+    R.load_model = mark("load", R.load_model)
+    R.save_trainer_state = mark("save", R.save_trainer_state)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     import fire
 
-    fire.Fire(T.cli, command=train_args)
+    fire.Fire(train_cli, command=train_args)
     done.set()
     thread.join()
     (out / f"mem.rank{rank}.json").write_text(json.dumps({

@@ -8,8 +8,8 @@ permutation of tests/helpers.py for transformers), same LoRA config (wq,wk,wv,wo
 r 8, alpha 16, dropout 0.05), same random token batches, AdamW (lr 1e-4, weight decay 0, foreach=False as the
 trainer's CPU setting), gradient clipping at 1.0, fp32 on CPU. transformers runs with attn_implementation="sdpa".
 
-Ours is a minimal loop equivalent to the body of kollama.train.train()'s step (the step is a closure inside
-train(), not separable): ``token_loss(model(tokens, 0, use_cache=False), labels, n_targets)``, backward,
+Ours is a minimal loop equivalent to kollama.train's step (``TrainRecipe.forward_backward`` + the AdamW step,
+without the run's data plan and logging): ``token_loss(model(tokens, 0, use_cache=False), labels, n_targets)``, backward,
 ``kollama.train.clip_grad_norm``, optimizer step, ``zero_grad(set_to_none=True)``. transformers + peft is the
 loop a HF Trainer runs: ``model(input_ids, labels=..., use_cache=False).loss``, backward,
 ``clip_grad_norm_``, step, zero_grad. Both first-step losses are printed: equal losses show identical models.
