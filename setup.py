@@ -23,6 +23,8 @@ setup(
         # Test references, never imported by llama/ or kollama/ at run time: transformers (LlamaForCausalLM logits),
         # torchao (NF4 codes), peft (LoRA training and adapter export). torch is installed first (README), so
         # their torch requirement is already met and no other torch build is pulled.
-        "test": ["pytest", "transformers", "protobuf", "torchao", "peft", "tqdm", "sacrebleu>=2.4", "matplotlib>=3.7"],
+        # kollama.train --config run.yaml (JSON config files need nothing).
+        "yaml": ["pyyaml"],
+        "test": ["pytest", "pyyaml", "transformers", "protobuf", "torchao", "peft", "tqdm", "sacrebleu>=2.4", "matplotlib>=3.7"],
     },
 )

@@ -172,6 +172,10 @@ def test_config_file_overrides_validation_and_help(setup, tmp_path):
     assert (c.method, c.lr, c.lora_targets, c.max_steps) == ("lora", 2e-3, ["wq", "wk"], 2)
     s = T.train(config=str(cfg), out_dir=str(tmp_path / "o"))
     assert s["step"] == 2 and json.loads((tmp_path / "o/config.json").read_text())["lr"] == 1e-3
+    yml = tmp_path / "run.yaml"  # the same as YAML, with a list written the YAML way
+    yml.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in json.loads(cfg.read_text()).items())
+                   + "lora_targets:\n  - wq\n  - w2\n")
+    assert TrainConfig.load(str(yml), out_dir="x").lora_targets == ["wq", "w2"]
     bad = {"epochs": 0}, {"lr": -1}, {"method": "dora"}, {"lora_r": 0}, {"lora_targets": "wq,wz"}, {"lrr": 1}
     want = ["--epochs must be > 0", "--lr must be a positive number", "--method must be one of",
             "--lora_r must be >= 1", r"--lora_targets: unknown target\(s\) \['wz'\]", "unknown option 'lrr'; did you "
