@@ -27,6 +27,7 @@ that produced that loss (if one was saved at the previous step) is moved aside t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ import torch.distributed as dist
 
 from kollama import data as D
 from kollama import pretrain as P
-from kollama.checkpointing import (RunLog, TrainingDiverged, config_hash, files_to_read, find_resumable,
+from kollama.checkpointing import (STATE, RunLog, TrainingDiverged, config_hash, files_to_read, find_resumable,
                                    load_trainer_state, quarantine_checkpoint, save_trainer_state, write_outputs)
 from kollama.distributed import all_reduce, all_reduce_grads, clip_grad_norm, is_model_parallel_sharded, local
 from kollama.fingerprint import FingerprintMismatch, base_record, check_same_base
@@ -208,9 +209,10 @@ class TrainRecipe:
         ckpt_root = self.out / "checkpoints"
         if cfg.resume:
             path = self._checkpoint_to_resume(ckpt_root)
+            if (path / STATE).is_file():  # check the settings before loading tensors whose shapes they decide
+                self._check_resume(path, json.loads((path / STATE).read_text()))
             state = load_trainer_state(path, self.model, self.named, self.optimizer, self.rank, self.mp_rank,
                                        self.dp_rank, cfg.fsdp)
-            self._check_resume(path, state)
             self.step, self.resumed_from = int(state["step"]), path
             self.totals.update(state.get("totals", {}))
             notice = self.runlog.repair_metrics(self.step)
@@ -353,9 +355,7 @@ class TrainRecipe:
             why = f"loss is {loss}, gradient norm {grad_norm}"
         self.runlog.append_metrics({"step": step, "event": "diverged", "loss": loss, "grad_norm": grad_norm})
         ckpt_root = self.out / "checkpoints"
-        moved = quarantine_checkpoint(ckpt_root, self.step) if self.is_main else None
-        if dist.is_initialized():
-            dist.barrier()  # the rename is done before any rank looks for the last good checkpoint
+        moved = quarantine_checkpoint(ckpt_root, self.step)  # collective: every rank learns where it went
         good, _ = find_resumable(ckpt_root, self.files_to_read())
         self.runlog.sync()
         raise TrainingDiverged(
@@ -457,8 +457,6 @@ class TrainRecipe:
 
 
 def _plain(value):
-    import json
-
     return json.loads(json.dumps(value, default=str))
 
 
