@@ -648,9 +648,12 @@ def write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_pa
     all-gathered over the data-parallel group, one at a time)."""
     outputs = {}
     if method in ("lora", "qlora"):
+        from kollama import fingerprint as FP
         from kollama import lora as L
 
         extra = {k: config[k] for k in ("template", "cutoff_len", "train_on_inputs", "total_steps", "seed")}
+        # What the adapter belongs to; kollama.adapter.apply_adapter refuses another base or tokenizer.
+        extra.update(base=FP.base_fingerprint(ckpt_dir), tokenizer_sha256=FP.tokenizer_sha256(tokenizer_path))
         if method == "qlora":  # the adapter was trained against NF4(base): load it onto a quantized base
             extra["base_quantization"] = "nf4"
         L.save_adapter(model, out / "adapter", {"base_model": str(ckpt_dir), "tokenizer": str(tokenizer_path), **extra})

@@ -3,7 +3,8 @@ translation, tokenizer efficiency and instruction-following generations.
 
     python -m kollama.evaluate --ckpt_dir CKPT --tokenizer_path tokenizer.model --data_dir DATA \\
         --tasks bpc,tokenizer,kobest,klue_nli,nsmc,en2ko,ko2en,kullm --out run/results.json [--lora_path ADAPTER] \\
-        [--limit N] [--k_shot K] [--max_seq_len 2048] [--batch_size 8] [--window W] [--stride S]
+        [--limit N] [--k_shot K] [--max_seq_len 2048] [--batch_size 8] [--window W] [--stride S] \\
+        [--allow_base_mismatch]  # evaluate an adapter recorded for another base / tokenizer anyway
     torchrun --nproc_per_node 2 -m kollama.evaluate ...   # a model-parallel checkpoint; only rank 0 writes files
 
 Tasks (`kobest` = the five kobest_* tasks, `translation` = en2ko + ko2en): see ``kollama.tasks`` for the data files
@@ -313,14 +314,23 @@ def expand_tasks(tasks) -> List[str]:
     return out
 
 
-def attach_lora(model, lora_path):
-    """Imported only when --lora_path is given, so evaluation of plain checkpoints never needs kollama.lora."""
+def attach_lora(model, lora_path, *, ckpt_dir=None, tokenizer_path=None, allow_base_mismatch: bool = False):
+    """Fold an adapter into ``model`` exactly as ``kollama.inference.build(lora_path=...)`` does (one function,
+    ``kollama.adapter.apply_adapter``: base/tokenizer check, NF4 base for QLoRA adapters, merge). Imported only when
+    --lora_path is given, so evaluation of plain checkpoints never needs kollama.lora."""
     try:
-        from kollama.lora import load_adapter
+        import kollama.lora  # noqa: F401  the adapter code kollama.adapter builds on (it may be imported already)
+        from kollama.adapter import apply_adapter
     except ImportError as e:
-        raise EvalError(f"--lora_path needs kollama.lora.load_adapter, which cannot be imported ({e}); evaluate a "
-                        f"merged checkpoint instead or update the package") from e
-    return load_adapter(model, str(lora_path))
+        raise EvalError(f"--lora_path needs kollama.lora.load_adapter and kollama.adapter, which cannot be imported "
+                        f"({e}); evaluate a merged checkpoint instead or update the package") from e
+    from kollama.fingerprint import FingerprintMismatch
+
+    try:
+        return apply_adapter(model, str(lora_path), ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
+                             allow_base_mismatch=allow_base_mismatch)
+    except FingerprintMismatch as e:  # a usage problem: one line and exit code 2 from the CLI, not a traceback
+        raise EvalError(str(e)) from e
 
 
 def _dtype(name: Optional[str]):
@@ -373,8 +383,9 @@ def evaluate(ckpt_dir: str, tokenizer_path: str, tasks=DEFAULT_TASKS, out: str =
              k_shot: int = 0, seed: int = 1234, limit: Optional[int] = None, bos: bool = True,
              template: str = "plain", max_gen_len: int = 256, gen_out: Optional[str] = None,
              model_parallel_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-             progress: bool = True) -> dict:
-    """Run the tasks and write `out` (JSON: {"meta": ..., "tasks": {name: metrics}}); returns the same dict."""
+             progress: bool = True, allow_base_mismatch: bool = False) -> dict:
+    """Run the tasks and write `out` (JSON: {"meta": ..., "tasks": {name: metrics}}); returns the same dict.
+    `allow_base_mismatch`: evaluate a --lora_path adapter recorded for another base or tokenizer (a warning)."""
     from llama.generation import Llama
 
     task_list = expand_tasks(tasks)
@@ -394,7 +405,8 @@ def evaluate(ckpt_dir: str, tokenizer_path: str, tasks=DEFAULT_TASKS, out: str =
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len, batch_size, model_parallel_size, seed,
                         device=device, dtype=_dtype(dtype))
     if lora_path:
-        llama.model = attach_lora(llama.model, lora_path)
+        llama.model = attach_lora(llama.model, lora_path, ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
+                                  allow_base_mismatch=allow_base_mismatch)
     model, tok = llama.model, llama.tokenizer
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     out_path = Path(str(out))

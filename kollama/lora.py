@@ -37,6 +37,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
@@ -420,15 +421,25 @@ def _model_args(model: nn.Module) -> Optional[dict]:
     return asdict(params) if is_dataclass(params) else None
 
 
-def save_adapter(model: nn.Module, out_dir, config: Optional[dict] = None) -> Path:
+def save_adapter(model: nn.Module, out_dir, config: Optional[dict] = None, *, base: Optional[dict] = None,
+                 tokenizer_sha256: Optional[str] = None) -> Path:
     """Write ``adapter.safetensors`` (full, gathered adapter) and ``adapter_config.json`` into ``out_dir``.
 
     ``config`` adds JSON-able facts (e.g. ``{"base_model": ...}``); it may repeat but not contradict the
-    model's LoRA settings. Collective under model parallelism: every rank calls it, global rank 0 writes. Each
-    file is replaced atomically, weights first, so the config never describes weights not yet on disk.
+    model's LoRA settings. ``base`` (``kollama.fingerprint.base_fingerprint`` of the checkpoint the model was
+    loaded from) and ``tokenizer_sha256`` record what the adapter belongs to; ``kollama.adapter.apply_adapter``
+    checks them. ``config["base_quantization"] = "nf4"`` marks a QLoRA adapter (trained over an NF4 base).
+    Collective under model parallelism: every rank calls it, global rank 0 writes. Each file is replaced
+    atomically, weights first, so the config never describes weights not yet on disk.
     """
     settings = lora_config_of(model)
     meta = dict(config or {})
+    meta.update({k: v for k, v in (("base", base), ("tokenizer_sha256", tokenizer_sha256)) if v is not None})
+    recorded = meta.get("base")
+    if recorded is not None and not (isinstance(recorded, dict) and recorded.get("digest")
+                                     and isinstance(recorded.get("params"), dict)):
+        raise ValueError(f"base must be kollama.fingerprint.base_fingerprint(ckpt_dir), a dict with params and "
+                         f"digest; got {str(recorded)[:200]}")
     clash = {k: (meta[k], settings[k]) for k in _LORA_FIELDS
              if k in meta and (list(meta[k]) if k == "targets" else meta[k]) != settings[k]}
     if clash:
@@ -448,8 +459,8 @@ def save_adapter(model: nn.Module, out_dir, config: Optional[dict] = None) -> Pa
     return out_dir
 
 
-def read_adapter(path) -> tuple:
-    """(config dict, full adapter tensors) of an adapter folder written by save_adapter."""
+def read_adapter_config(path) -> dict:
+    """The adapter_config.json of an adapter folder written by save_adapter (checked; the weights are not read)."""
     path = Path(path)
     cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     for p in (cfg_path, weights_path):
@@ -462,13 +473,22 @@ def read_adapter(path) -> tuple:
     missing = [k for k in _LORA_FIELDS if k not in config] if isinstance(config, dict) else list(_LORA_FIELDS)
     if missing:
         raise ValueError(f"{cfg_path} lacks {missing}; was it written by kollama.lora.save_adapter?")
-    with safe_open(str(weights_path), framework="pt") as f:
+    return config
+
+
+def read_adapter(path) -> tuple:
+    """(config dict, full adapter tensors) of an adapter folder written by save_adapter."""
+    config = read_adapter_config(path)
+    with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     return config, state
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Load a saved adapter (applying LoRA with its settings first if the model has none); slices for this rank."""
+    """Load a saved adapter (applying LoRA with its settings first if the model has none); slices for this rank.
+
+    The factors go onto whatever base ``model`` has. To apply an adapter as it was trained (an NF4 base for a
+    QLoRA adapter, its recorded base and tokenizer checked), use ``kollama.adapter.apply_adapter``."""
     config, state = read_adapter(path)
     if not lora_layers(model):
         apply_lora(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["use_rslora"])
@@ -521,6 +541,12 @@ def export_peft(adapter_dir_or_model, out_dir, base_model_name_or_path: Optional
         state = gather_lora_state_dict(adapter_dir_or_model)
     else:
         config, state = read_adapter(adapter_dir_or_model)
+        if config.get("base_quantization") == "nf4":  # peft's config has no field for it: say it here
+            warnings.warn(f"adapter {adapter_dir_or_model} was trained over an NF4-quantized base (QLoRA): peft "
+                          f"applies it to whatever base it is given, and it reproduces the trained model only over "
+                          f"dequant(NF4(W)), not W. For a dense model use kollama.adapter.apply_adapter (or the "
+                          f"trainer's --merge); bitsandbytes' 4-bit NF4 base rounds the block scales differently "
+                          f"from kollama.nf4", stacklevel=2)
     args = config.get("model_args") or {}
     if "n_heads" not in args and any(t in config["targets"] for t in ("wq", "wk")):
         raise ValueError("exporting wq/wk adapters needs n_heads/n_kv_heads (model_args); save the adapter from "
@@ -553,5 +579,6 @@ def export_peft(adapter_dir_or_model, out_dir, base_model_name_or_path: Optional
 __all__ = [
     "LoRALinear", "TARGETS", "apply_lora", "lora_layers", "lora_config_of", "merge_lora", "unmerge_lora",
     "lora_state_dict", "gather_lora_state_dict", "base_state_dict", "merged_state_dict", "trainable_parameters",
-    "trainable_parameters_report", "save_adapter", "read_adapter", "load_adapter", "export_peft",
+    "trainable_parameters_report", "save_adapter", "read_adapter", "read_adapter_config", "load_adapter",
+    "export_peft",
 ]
