@@ -5,7 +5,7 @@ training tests fail on each (issue: "a test that only compares the code with its
 
 Each mutant is (name, file, exact old text, new text); the old text must occur exactly once, so a refactor that
 moves the code makes this script fail loudly instead of testing nothing. The copy is a ``git worktree`` of HEAD
-plus the working tree's changes to the files named here, under a temporary folder; the repository is never edited.
+plus the working tree's changed and new (not ignored) files, under a temporary folder; the repository is never edited.
 Prints one line per mutant: KILLED (with the first failing test) or SURVIVED. Exit code 1 if any survived.
 Needs LLAMA_TEST_DATA for the real-data reference test (tests/test_train_reference.py).
 """
@@ -82,8 +82,11 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), "HEAD"], cwd=ROOT, check=True)
     survived = []
     try:
-        for rel in {m[1] for m in MUTANTS} | set(a.tests.split(",")):  # the working tree's current versions
+        changed = subprocess.run(["git", "ls-files", "--modified", "--others", "--exclude-standard"], cwd=ROOT,
+                                 check=True, capture_output=True, text=True).stdout.split()
+        for rel in changed:  # the working tree's current versions of changed and new files
             if (ROOT / rel).is_file():
+                (tree / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / rel, tree / rel)
         for name, path, old, new in chosen:
             original = (tree / path).read_text()

@@ -114,6 +114,27 @@ def _permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
+def hf_row_order(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Index of the Meta row behind each HF row of wq/wk: ``hf_w == meta_w[hf_row_order(...)]``."""
+    return _permute_for_hf(torch.arange(n_rows)[:, None], n_heads)[:, 0]
+
+
+class RefLoRALinear(torch.nn.Module):
+    """Reference LoRA around an HF projection: base(x) + scale * x A^T B^T, A (r, in) and B (out, r) in Meta row
+    order; ``order`` (hf_row_order for q/k projections, arange otherwise) maps them to the HF rows."""
+
+    def __init__(self, base: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float, order: torch.Tensor):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.lora_A = torch.nn.Parameter(A.clone().float())
+        self.lora_B = torch.nn.Parameter(B.clone().float())
+        self.register_buffer("order", order, persistent=False)
+
+    def forward(self, x):
+        delta = (x @ self.lora_A.t()) @ self.lora_B.t()
+        return self.base(x) + self.scale * delta[..., self.order]
+
+
 def hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     n_kv = args.n_kv_heads or args.n_heads
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
