@@ -20,11 +20,11 @@ setup(
         # kollama.evaluate scores translations with sacrebleu (the standard chrF++/BLEU implementation, so numbers
         # compare with published ones); kollama.report draws charts with matplotlib (Markdown only without it).
         "eval": ["sacrebleu>=2.4", "matplotlib>=3.7"],
+        # kollama.train --config run.yaml (JSON config files need nothing).
+        "yaml": ["pyyaml"],
         # Test references, never imported by llama/ or kollama/ at run time: transformers (LlamaForCausalLM logits),
         # torchao (NF4 codes), peft (LoRA training and adapter export). torch is installed first (README), so
         # their torch requirement is already met and no other torch build is pulled.
-        # kollama.train --config run.yaml (JSON config files need nothing).
-        "yaml": ["pyyaml"],
         "test": ["pytest", "pyyaml", "transformers", "protobuf", "torchao", "peft", "tqdm", "sacrebleu>=2.4", "matplotlib>=3.7"],
     },
 )

@@ -546,9 +546,14 @@ def load_trainer_state(path, model, named, optimizer, rank: int, mp_rank: int, d
 # Divergence
 # ---------------------------------------------------------------------------------------------------------------
 def quarantine_checkpoint(root, step: int) -> Optional[Path]:
-    """Rename ``step-NNNNNN`` to ``diverged-step-NNNNNN`` (``-2``, ``-3``... if taken) so neither resume nor rotation
-    sees it; nothing is deleted. Returns the new path, or None if there was no such folder. Rank-local: call it on
-    one rank (rank 0), then barrier before any rank looks for checkpoints."""
+    """*Collective.* Rank 0 renames ``step-NNNNNN`` to ``diverged-step-NNNNNN`` (``-2``, ``-3``... if taken) so
+    neither resume nor rotation sees it; nothing is deleted. Every rank returns the new path (None if there was no
+    such folder), after the rename (a barrier)."""
+    main = not _distributed() or dist.get_rank() == 0
+    return _from_rank0(_rename_aside(root, step) if main else None)
+
+
+def _rename_aside(root, step: int) -> Optional[Path]:
     src = step_dir(root, step)
     if not src.is_dir():
         return None

@@ -313,8 +313,7 @@ def _two_rank_worker(rank, world, port, root, out):
         dist.barrier()
         found, damaged = C.find_resumable(root, C.files_to_read(rank, 0, rank, fsdp=True))
         loaded = C.load_trainer_state(found, *trained(5), **kw)
-        moved = C.quarantine_checkpoint(root, 6) if rank == 0 else None  # as the trainer does on divergence
-        dist.barrier()
+        moved = C.quarantine_checkpoint(root, 6)  # collective, as the trainer calls it on divergence
         after_quarantine = C.find_resumable(root, C.files_to_read(rank, 0, rank, fsdp=True))
         torch.save({"error": error, "after_failure": after_failure, "found": found, "damaged": damaged,
                     "step": loaded["step"], "moved": moved, "after_quarantine": after_quarantine},
@@ -348,6 +347,6 @@ def test_disk_full_on_one_rank_raises_on_both(tmp_path):
             (root / "step-000006", "weights.mp00.dp01.safetensors sha256 mismatch (the file changed after it was "
                                    "saved) (rank 1)")]
         assert got["after_quarantine"] == (root / "step-000002", [])
-    assert results[0]["moved"] == root / "diverged-step-000006"
+    assert results[0]["moved"] == results[1]["moved"] == root / "diverged-step-000006"
     # Rank 0's own files of step 6 are intact: only the rank-1 check made both ranks skip it.
     assert C.verify_checkpoint(root / "diverged-step-000006", C.files_to_read(0, 0, 0, fsdp=True)) is None

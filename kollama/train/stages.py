@@ -222,7 +222,7 @@ class CurriculumPlan:
         return [st.sources[i][j] for i, j in mine]
 
     def lr_lambda(self, base_lr: float, warmup_steps: int, min_lr_ratio: float):
-        """LambdaLR factor of global step: the trainer's warmup + cosine over each stage, times stage lr / --lr."""
+        """The factor of --lr at a global step: the trainer's warmup + cosine over each stage, times stage lr / --lr."""
         per_stage = [lr_lambda(st.warmup_steps if st.warmup_steps is not None else warmup_steps, st.steps,
                                st.min_lr_ratio if st.min_lr_ratio is not None else min_lr_ratio)
                      for st in self.stages]
