@@ -22,7 +22,6 @@ Functions marked *collective* must be called by every rank under torch.distribut
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -31,13 +30,15 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from kollama.distributed import local
+from llama.errors import UserError
+from llama.files import atomic_write, atomic_write_bytes, fsync_dir, fsync_file, write_json
 from llama.checkpoint import write_checkpoint
 from llama.parallel import (get_model_parallel_group, get_model_parallel_rank, get_model_parallel_src_rank,
                             get_model_parallel_world_size)
@@ -51,11 +52,11 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^\.step-\d+\.tmp$")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss or gradient norm became NaN/inf; nothing was updated and the last checkpoint is intact."""
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(UserError, OSError):
     """A checkpoint could not be written (disk full, I/O error) on some rank. An OSError, so code that handles I/O
     failures sees it; ``errno`` is the failing call's errno when known. Every rank raises the same one-line message;
     the partial folder is removed and earlier checkpoints are intact."""
@@ -68,59 +69,6 @@ class CheckpointSaveError(OSError):
 # ---------------------------------------------------------------------------------------------------------------
 # Durable files
 # ---------------------------------------------------------------------------------------------------------------
-def fsync_dir(path) -> None:
-    """Make a rename or new entry in folder ``path`` durable (a no-op where folders cannot be opened or synced,
-    e.g. Windows or file systems that answer EINVAL; a real I/O error still raises)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path) -> None:
-    # fsync applies to the inode, so a fresh descriptor flushes what write_fn wrote through its own.
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write_fn: Callable[[Path], None]) -> Path:
-    """Write ``path`` all or nothing: ``write_fn(tmp)`` writes a sibling temporary file, which is fsynced and renamed
-    over ``path``, then the folder is fsynced. On any error the temporary file is removed and the error re-raised."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write_fn(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return atomic_write(path, write)
-
-
-def write_json(path, obj) -> Path:
-    """Atomic, durable JSON file (UTF-8, indented, non-JSON values as str)."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode())
-
-
 def _torch_save(obj, path) -> Path:
     # Through a Python file object, so a full disk raises OSError(ENOSPC) rather than torch's RuntimeError.
     def write(tmp: Path) -> None:
@@ -593,7 +541,7 @@ class RunLog:
     def sync(self) -> None:
         """fsync metrics.jsonl (the trainer calls this at each checkpoint and at the end)."""
         if self.is_main and self.metrics.exists():
-            _fsync_file(self.metrics)
+            fsync_file(self.metrics)
             fsync_dir(self.out)
 
     def read_metrics(self) -> List[dict]:

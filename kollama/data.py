@@ -41,6 +41,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from llama.chat_format import encode_dialog_turns
+from llama.errors import UserError
 
 log = logging.getLogger("kollama.data")
 
@@ -79,7 +80,7 @@ HANGUL = re.compile("[\uac00-\ud7a3]")
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used; the message names the file and what to change."""
 
 

@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from kollama import tasks as T
 from kollama.vocab import atomic_write_bytes, is_hangul, iter_corpus_lines, tokenizer_stats
+from llama.errors import UserError
 
 MC_TASK_NAMES = list(T.MC_TASKS)
 ALIASES = {"kobest": [n for n in MC_TASK_NAMES if n.startswith("kobest_")], "translation": ["en2ko", "ko2en"]}
@@ -55,7 +56,7 @@ LOGIT_CHUNK = 1024  # scored positions per output-layer call: bounds the (positi
 MAX_REPORTED_PROBLEMS = 5
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A usage problem; the message says what to change."""
 
 

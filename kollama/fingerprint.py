@@ -51,6 +51,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from llama.checkpoint import MetaCheckpoint, global_shape, open_checkpoint
+from llama.errors import UserError
 from llama.hf import permute_to_meta, rotary_heads
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
@@ -61,7 +62,7 @@ SAMPLE_COLS = 64
 SAMPLE_VECTOR = SAMPLE_ROWS * SAMPLE_COLS
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(UserError):
     """A checkpoint or adapter met a base model or tokenizer other than the one it was made with."""
 
 

@@ -32,10 +32,11 @@ except ImportError as e:  # torch < 2.6 kept FSDP2 under a private name
                       f"Upgrade torch, or train without --fsdp") from e
 
 from kollama.distributed import local
+from llama.errors import UserError
 from llama.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
 
 
-class FSDPError(ValueError):
+class FSDPError(UserError):
     """A setting that --fsdp cannot honour; the message says what to use instead."""
 
 

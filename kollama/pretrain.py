@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from llama.errors import UserError
 from llama.parallel import get_model_parallel_rank, get_model_parallel_world_size
 
 log = logging.getLogger("kollama.pretrain")
@@ -33,7 +34,7 @@ TASKS = ("sft", "pretrain")
 EMBEDDING_WEIGHTS = ("tok_embeddings", "output")
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError):
     """A usage problem with --task / --trainable / --heldout_text; the message says what to change."""
 
 

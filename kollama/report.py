@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kollama.vocab import atomic_write_bytes
+from llama.errors import UserError
 
 DASH = "–"
 # The metrics worth a row (and a chart); counts and settings in results.json stay out of the table.
@@ -36,7 +37,7 @@ INFO_KEYS = {"trainable_params": ("trainable_params",), "train_tokens": ("train_
              "train_wall_time_s": ("train_wall_time_s", "wall_time_s")}
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A usage problem; the message says what to change."""
 
 

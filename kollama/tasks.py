@@ -30,11 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from kollama.data import KULLM_PROMPT_INPUT, KULLM_PROMPT_NO_INPUT
-
-
-class DataError(ValueError):
-    """Unusable evaluation data; the message names the file (and line) and what is wrong."""
+from kollama.data import KULLM_PROMPT_INPUT, KULLM_PROMPT_NO_INPUT, DataError  # one DataError for all data
 
 
 @dataclass

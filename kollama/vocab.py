@@ -31,6 +31,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llama.checkpoint import CheckpointError
+from llama.errors import UserError
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +55,7 @@ LLAMA2_TRAINER_SETTINGS = dict(
 MIN_VOCAB_SIZE = 3 + 256 + 1
 
 
-class VocabError(ValueError):
+class VocabError(UserError):
     """A problem with the user's input; the message names the problem and how to fix it."""
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llama.errors import UserError
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
 
@@ -32,7 +33,7 @@ IGNORED_KEYS = {"rope.freqs"}  # Meta files carry the rotary table; it is recomp
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.(pth|safetensors)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used as it is; the message says what is wrong and what to do."""
 
 

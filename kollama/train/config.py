@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from llama.errors import UserError
+
 log = logging.getLogger("kollama.train")
 
 METHODS = ("lora", "qlora", "full")
@@ -29,7 +31,7 @@ DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 GROUPS = ("data", "model", "optimization", "schedule", "checkpointing", "logging", "distributed")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An option with a wrong type or value; the message names the option and what to change."""
 
 

@@ -34,12 +34,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kollama import data as D
 from kollama.train.optim import lr_lambda
+from llama.errors import UserError
 
 STAGE_KEYS = {"name", "datasets", "epochs", "steps", "lr", "warmup_steps", "min_lr_ratio"}
 DATASET_KEYS = {"path", "template", "field", "weight"}
 
 
-class CurriculumError(ValueError):
+class CurriculumError(UserError):
     """A stage list or parallel corpus that cannot be used; the message names the place and the fix."""
 
 

@@ -1,0 +1,49 @@
+"""The project's error base class, and how command-line entry points report a user's mistake.
+
+A ``UserError`` is a mistake in what the user gave (a path, a flag, a file's contents); its message names the problem
+and the fix. Every error class of ``llama`` and ``kollama`` derives from it and lives in a module that is never run as
+``__main__``: ``python -m kollama.vocab`` imports kollama/vocab.py a second time under the name ``__main__``, so a
+handler written against a class of the running module would miss the copy raised by the imported one.
+
+Entry points run their work under ``cli_errors()``: a UserError, or an OS error about a path the user named (missing,
+not a folder, no permission), is printed as one line ``error: ...`` on stderr with exit code 2 and no traceback.
+``--debug`` on any command line (or ``LLAMA_DEBUG=1`` in the environment) shows the traceback instead. Programming
+errors are never caught.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator, List, Optional, Tuple
+
+DEBUG_ENV = "LLAMA_DEBUG"
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+class UserError(ValueError):
+    """Bad input from the user; the message says what is wrong and how to fix it."""
+
+
+def take_debug_flag(argv: Optional[List[str]] = None) -> Tuple[List[str], bool]:
+    """``argv`` (default: sys.argv[1:]) without ``--debug``, and whether tracebacks were asked for."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return [a for a in argv if a != "--debug"], debug
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (an OSError without a message keeps its errno text and file name)."""
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def cli_errors(debug: bool = False) -> Iterator[None]:
+    try:
+        yield
+    except (UserError,) + PATH_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,78 @@
+"""Durable, all-or-nothing file writes: the one implementation every writer in ``llama`` and ``kollama`` uses.
+
+``atomic_write(path, write_fn)``: ``write_fn`` writes a temporary sibling (``.NAME.tmp-PID``), which is fsynced and
+renamed over ``path``; then the folder is fsynced. A crash, a full disk or Ctrl-C leaves either the old file or the
+new one, never half of one, and the temporary file is removed on any error. New files get the modes the user's umask
+gives, as ``open()`` would.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Callable, Union
+
+PathLike = Union[str, os.PathLike]
+TMP_MARK = ".tmp-"  # temporary siblings are named .NAME.tmp-PID (files) or .NAME.tmp-XXXX (folders)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Make a rename or new entry in folder ``path`` durable (a no-op where folders cannot be opened or synced,
+    e.g. Windows or file systems that answer EINVAL; a real I/O error still raises)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: PathLike) -> None:
+    # fsync applies to the inode, so a fresh descriptor flushes what another descriptor wrote.
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_sibling(path: PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
+    """Write ``path`` all or nothing through ``write_fn(tmp)``; see the module docstring."""
+    path = Path(path)
+    tmp = tmp_sibling(path)
+    try:
+        write_fn(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return atomic_write(path, write)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, obj) -> Path:
+    """Atomic, durable JSON file (UTF-8, indented, non-JSON values as str)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
