@@ -6,6 +6,7 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
+from llama.errors import cli_errors, take_debug_flag
 
 
 def main(
@@ -125,4 +126,6 @@ If a question does not make any sense, or is not factually coherent, explain why
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    argv, debug = take_debug_flag()
+    with cli_errors(debug):  # a user's mistake: one line "error: ..." and exit code 2 (--debug: the traceback)
+        fire.Fire(main, command=argv)

@@ -6,6 +6,7 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
+from llama.errors import cli_errors, take_debug_flag
 
 
 def main(
@@ -92,4 +93,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    argv, debug = take_debug_flag()
+    with cli_errors(debug):  # a user's mistake: one line "error: ..." and exit code 2 (--debug: the traceback)
+        fire.Fire(main, command=argv)

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 from kollama.train.stages import (CurriculumError, CurriculumPlan, DatasetSpec, Stage, StageSpec,  # noqa: F401
                                   build_plan, read_stages, shares)
+from llama.errors import cli_errors, take_debug_flag
 
 # Instruction phrasings, Korean and English, for each direction (the model should follow either language).
 PHRASINGS = {
@@ -111,9 +112,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     import fire
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from kollama.errors import exit_on_user_error
-
-    with exit_on_user_error():
+    argv, debug = take_debug_flag(argv)
+    with cli_errors(debug):
         fire.Fire({"run": run, "build_translation": _build_translation_cli}, command=argv,
                   name="python -m kollama.curriculum")
 

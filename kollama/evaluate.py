@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from kollama import tasks as T
 from kollama.vocab import atomic_write_bytes, is_hangul, iter_corpus_lines, tokenizer_stats
-from llama.errors import UserError
+from llama.errors import UserError, cli_errors, take_debug_flag
 
 MC_TASK_NAMES = list(T.MC_TASKS)
 ALIASES = {"kobest": [n for n in MC_TASK_NAMES if n.startswith("kobest_")], "translation": ["en2ko", "ko2en"]}
@@ -317,21 +317,11 @@ def expand_tasks(tasks) -> List[str]:
 
 def attach_lora(model, lora_path, *, ckpt_dir=None, tokenizer_path=None, allow_base_mismatch: bool = False):
     """Fold an adapter into ``model`` exactly as ``kollama.inference.build(lora_path=...)`` does (one function,
-    ``kollama.adapter.apply_adapter``: base/tokenizer check, NF4 base for QLoRA adapters, merge). Imported only when
-    --lora_path is given, so evaluation of plain checkpoints never needs kollama.lora."""
-    try:
-        import kollama.lora  # noqa: F401  the adapter code kollama.adapter builds on (it may be imported already)
-        from kollama.adapter import apply_adapter
-    except ImportError as e:
-        raise EvalError(f"--lora_path needs kollama.lora.load_adapter and kollama.adapter, which cannot be imported "
-                        f"({e}); evaluate a merged checkpoint instead or update the package") from e
-    from kollama.fingerprint import FingerprintMismatch
+    ``kollama.adapter.apply_adapter``: base/tokenizer check, NF4 base for QLoRA adapters, merge)."""
+    from kollama.adapter import apply_adapter
 
-    try:
-        return apply_adapter(model, str(lora_path), ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
-                             allow_base_mismatch=allow_base_mismatch)
-    except FingerprintMismatch as e:  # a usage problem: one line and exit code 2 from the CLI, not a traceback
-        raise EvalError(str(e)) from e
+    return apply_adapter(model, str(lora_path), ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
+                         allow_base_mismatch=allow_base_mismatch)
 
 
 def _dtype(name: Optional[str]):
@@ -508,11 +498,10 @@ def _summary(metrics: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import fire
-    try:
+
+    argv, debug = take_debug_flag(argv)
+    with cli_errors(debug):
         fire.Fire(evaluate, command=argv, name="python -m kollama.evaluate", serialize=lambda _: None)
-    except (EvalError, T.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

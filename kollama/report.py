@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kollama.vocab import atomic_write_bytes
-from llama.errors import UserError
+from llama.errors import UserError, cli_errors, take_debug_flag
 
 DASH = "–"
 # The metrics worth a row (and a chart); counts and settings in results.json stay out of the table.
@@ -273,11 +273,10 @@ def report(*run_dirs, out_dir: str = "report", names=None) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import fire
-    try:
+
+    argv, debug = take_debug_flag(argv)
+    with cli_errors(debug):
         fire.Fire(report, command=argv, name="python -m kollama.report", serialize=lambda _: None)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import sentencepiece as spm
 
-from llama.checkpoint import CheckpointError
-from llama.errors import UserError
+from llama.errors import UserError, cli_errors, take_debug_flag
 
 PathLike = Union[str, os.PathLike]
 
@@ -443,13 +442,11 @@ def _resize_cli(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import fire
-    try:
+
+    argv, debug = take_debug_flag(argv)
+    with cli_errors(debug):
         fire.Fire({"train": _train_cli, "merge": _merge_cli, "stats": _stats_cli, "resize": _resize_cli},
-                  command=argv,
-                  name="python -m kollama.vocab")
-    except (VocabError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+                  command=argv, name="python -m kollama.vocab")
 
 
 if __name__ == "__main__":

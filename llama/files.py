@@ -76,3 +76,21 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 def write_json(path: PathLike, obj) -> Path:
     """Atomic, durable JSON file (UTF-8, indented, non-JSON values as str)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def check_writable(path: PathLike, flag: str) -> None:
+    """Before any work: ``path`` (a file or folder to create) can be written, i.e. its nearest existing ancestor
+    is a folder this process may write into. Raises UserError naming ``flag`` (e.g. "--out")."""
+    from llama.errors import UserError
+
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} exists and is not writable; choose another {flag} or fix its permissions")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {parent}; choose another {flag} or fix its "
+                        f"permissions")

@@ -232,7 +232,7 @@ def test_adapter_on_another_base_stops_with_both_named(base, lora, tmp_path):
     assert recorded[:12] in message and actual[:12] in message and "--allow_base_mismatch" in message
     assert "dim 64, 2 layers" in message
 
-    with pytest.raises(E.EvalError, match=f"trained on base {recorded[:12]}.*is base {actual[:12]}"):
+    with pytest.raises(FingerprintMismatch, match=f"trained on base {recorded[:12]}.*is base {actual[:12]}"):
         _bpc(base, tmp_path / "x.json", other, lora_path=str(adapter))
 
     with pytest.warns(UserWarning, match="allow_base_mismatch"):

@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from kollama.train.config import help_text
+from llama.errors import cli_errors, take_debug_flag
 
 
 def run(**options) -> None:
@@ -23,16 +24,14 @@ def run(**options) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     import fire
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv, debug = take_debug_flag(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return
     # Only rank 0 logs (data warnings, notices); the other ranks report errors only.
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from kollama.errors import exit_on_user_error
-
-    with exit_on_user_error():
+    with cli_errors(debug):
         fire.Fire(run, command=argv, name="python -m kollama.train")
 
 

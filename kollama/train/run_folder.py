@@ -12,6 +12,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from kollama.train.config import ConfigError
+from llama.files import check_writable
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "adapter", "model", "merged")
 
@@ -27,10 +28,8 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
             raise ConfigError(f"--resume: {out} holds no checkpoints/ folder, so there is nothing to continue; "
                               f"run without --resume to start")
         return None
-    if not held:
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        _barrier()
+    if not held:  # created when the run writes its first file, so a run that fails to start leaves nothing
+        check_writable(out, "--out_dir")
         return None
     what = f"a previous run ({', '.join(run_files)})" if run_files else f"other files ({', '.join(held[:5])})"
     if not overwrite:

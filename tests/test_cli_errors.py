@@ -1,0 +1,49 @@
+"""Every command-line entry point reports a user's mistake as one line ``error: ...`` on stderr with exit code 2 and
+no traceback, also under ``python -m`` (where the running module is imported a second time as ``__main__``, so its
+own exception classes are other objects); ``--debug`` shows the traceback instead."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "no-such-folder"
+
+# (command, arguments that name a missing or unusable input); run from an empty folder
+COMMANDS = [
+    (["-m", "kollama.train"], ["--data", "d.jsonl", "--ckpt_dir", MISSING, "--tokenizer_path", "t.model",
+                               "--out_dir", "run"]),
+    (["-m", "kollama.train"], ["--data", "d.jsonl", "--ckpt_dir", MISSING, "--tokenizer_path", "t.model",
+                               "--out_dir", "run", "--epochs", "0"]),
+    (["-m", "kollama.evaluate"], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model", "--tasks", "nope"]),
+    (["-m", "kollama.vocab"], ["stats", "t.model", "--text", "x.txt"]),
+    (["-m", "kollama.report"], [MISSING, "--out", "r.md"]),
+    (["-m", "kollama.curriculum"], ["build_translation", "ko.txt", "en.txt", "out.jsonl"]),
+    ([str(ROOT / "example_text_completion.py")], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model"]),
+    ([str(ROOT / "example_chat_completion.py")], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model"]),
+]
+
+
+def run(cmd, args, cwd, env=None):
+    env = {**{k: v for k, v in os.environ.items() if k != "LLAMA_DEBUG"}, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *cmd, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("cmd,args", COMMANDS, ids=[f"{Path(c[-1]).name} {a[0]}-{i}" for i, (c, a) in enumerate(COMMANDS)])
+def test_user_error_is_one_line_with_exit_code_2(cmd, args, tmp_path):
+    proc = run(cmd, args, tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert err and err[-1].startswith("error: ") and len(err[-1]) > len("error: ") + 10, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing is written on a user error"
+
+
+def test_debug_flag_and_env_show_the_traceback(tmp_path):
+    cmd, args = COMMANDS[2]
+    for extra, env in (["--debug"], None), ([], {"LLAMA_DEBUG": "1"}):
+        proc = run(cmd, args + extra, tmp_path, env)
+        assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr
