@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 from kollama.train.stages import (CurriculumError, CurriculumPlan, DatasetSpec, Stage, StageSpec,  # noqa: F401
                                   build_plan, read_stages, shares)
 from llama.errors import cli_errors, take_debug_flag
+from llama.files import atomic_write_text
 
 # Instruction phrasings, Korean and English, for each direction (the model should follow either language).
 PHRASINGS = {
@@ -73,8 +74,6 @@ def translation_rows(ko_lines: Sequence[str], en_lines: Sequence[str], seed: int
 
 def build_translation(ko, en, out, seed: int = 0, directions: str = "both", max_pairs: Optional[int] = None) -> dict:
     """Write translation instructions for the line-aligned ``ko``/``en`` files to ``out`` (JSONL, atomically)."""
-    from kollama.vocab import VocabError, atomic_write_bytes
-
     ko_lines, en_lines = _read_lines(ko), _read_lines(en)
     if len(ko_lines) != len(en_lines):  # checked here too, to name the files
         raise CurriculumError(f"{ko} has {len(ko_lines)} lines but {en} has {len(en_lines)}; the parallel files "
@@ -82,10 +81,7 @@ def build_translation(ko, en, out, seed: int = 0, directions: str = "both", max_
     if max_pairs is not None:
         ko_lines, en_lines = ko_lines[:max_pairs], en_lines[:max_pairs]
     rows = translation_rows(ko_lines, en_lines, seed, directions)
-    try:
-        atomic_write_bytes(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-    except VocabError as e:
-        raise CurriculumError(str(e)) from e
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"out": str(out), "rows": len(rows), "pairs": len(ko_lines), "skipped_pairs":
             len(ko_lines) - len(rows) // len(DIRECTIONS[directions])}
 

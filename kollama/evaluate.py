@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 
 from kollama import tasks as T
-from kollama.vocab import atomic_write_bytes, is_hangul, iter_corpus_lines, tokenizer_stats
+from kollama.vocab import is_hangul, iter_corpus_lines, tokenizer_stats
 from llama.errors import UserError, cli_errors, take_debug_flag
+from llama.files import atomic_write_bytes
 
 MC_TASK_NAMES = list(T.MC_TASKS)
 ALIASES = {"kobest": [n for n in MC_TASK_NAMES if n.startswith("kobest_")], "translation": ["en2ko", "ko2en"]}

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from llama.files import atomic_write
 from llama.parallel import (
     ParallelEmbedding,
     ParallelLinear,
@@ -404,18 +403,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _model_args(model: nn.Module) -> Optional[dict]:
     params = getattr(model, "params", None)
     return asdict(params) if is_dataclass(params) else None
@@ -452,9 +439,9 @@ def save_adapter(model: nn.Module, out_dir, config: Optional[dict] = None, *, ba
     if _is_writer():
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(meta, indent=2, default=str) + "\n"
-        _atomic_write(out_dir / ADAPTER_WEIGHTS,
+        atomic_write(out_dir / ADAPTER_WEIGHTS,
                       lambda p: save_file({k: v.contiguous() for k, v in state.items()}, p, metadata={"format": "pt"}))
-        _atomic_write(out_dir / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
+        atomic_write(out_dir / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
     _barrier()
     return out_dir
 
@@ -570,8 +557,8 @@ def export_peft(adapter_dir_or_model, out_dir, base_model_name_or_path: Optional
     out_dir = Path(out_dir)
     if _is_writer():
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+        atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
     _barrier()
     return out_dir
 

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kollama.vocab import atomic_write_bytes
 from llama.errors import UserError, cli_errors, take_debug_flag
+from llama.files import atomic_write, atomic_write_bytes
 
 DASH = "–"
 # The metrics worth a row (and a chart); counts and settings in results.json stay out of the table.
@@ -188,13 +188,7 @@ def _slug(s: str) -> str:
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def plot(runs: Sequence[dict], out_dir: Path) -> Tuple[List[Path], Optional[str]]:

@@ -31,6 +31,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llama.errors import UserError, cli_errors, take_debug_flag
+from llama.files import atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,24 +74,6 @@ def has_hangul(s: str) -> bool:
 def count_hangul_syllables(text: str) -> int:
     """Number of precomposed Hangul syllables (U+AC00-U+D7A3), the unit of 'tokens per Hangul syllable'."""
     return sum(SYLLABLE_FIRST <= ord(c) <= SYLLABLE_LAST for c in text)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write via a temporary name in the same folder + rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise VocabError(f"output folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _existing_file(path: PathLike, what: str) -> Path:

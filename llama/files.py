@@ -50,6 +50,10 @@ def tmp_sibling(path: PathLike) -> Path:
 def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
     """Write ``path`` all or nothing through ``write_fn(tmp)``; see the module docstring."""
     path = Path(path)
+    if not path.parent.is_dir():
+        from llama.errors import UserError
+
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     tmp = tmp_sibling(path)
     try:
         write_fn(tmp)
