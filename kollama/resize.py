@@ -109,9 +109,6 @@ def resize(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite: bool
         shutil.copyfile(new_tokenizer, tokenizer_copy)
         info_file = Path(staging) / "resize_info.json"
         info_file.write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            write_checkpoint(out_dir, params, (shard(r) for r in range(n_shards)), fmt=fmt, overwrite=overwrite,
-                             extra_files=[tokenizer_copy, info_file])
-        except ValueError as e:
-            raise VocabError(str(e)) from e
+        write_checkpoint(out_dir, params, (shard(r) for r in range(n_shards)), fmt=fmt, overwrite=overwrite,
+                         extra_files=[tokenizer_copy, info_file], sources=[ckpt_dir])
     return {**info, "out": str(out_dir)}

@@ -5,18 +5,26 @@ wo/w2/tok_embeddings, norms replicated). A rank of a world of size W needs the s
 the global tensor; it is cut out of whichever of the N shards overlap it, so N and W need only both divide G.
 Shards are opened lazily (``torch.load(mmap=True)``, ``safe_open``), so only the bytes a rank needs are read.
 
-Writing goes to a temporary folder beside the destination that is renamed into place at the end: an
-interrupted write never leaves a half checkpoint under the destination name.
+Writing goes to a temporary folder beside the destination that is renamed into place at the end (``staged_folder``):
+an interrupted write never leaves a half checkpoint under the destination name, and a destination that is, holds or
+lies inside the source is refused, so a conversion never changes what it reads.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -25,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama.errors import UserError
+from llama.files import fsync_dir, fsync_file
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
 
@@ -58,7 +67,61 @@ def read_params(ckpt_dir) -> dict:
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CheckpointError(f"{path} lacks the required key {key!r}")
-    return params
+    return check_params(params, path)
+
+
+_WHOLE_SIZES = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size",
+                "max_seq_len", "hidden_dim")  # hidden_dim: the FFN width, config.json's intermediate_size
+_POSITIVE_NUMBERS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")
+_NULLABLE = {"n_kv_heads", "ffn_dim_multiplier"}  # null means "same as n_heads" / "no multiplier"
+
+
+def _whole(value) -> Optional[int]:
+    """``value`` as an int if it is a whole number (32 or 32.0, not True, "32" or 32.5), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def check_params(params: dict, path, names: Optional[Dict[str, str]] = None) -> dict:
+    """``params`` (Meta's names) checked before any tensor is read, with whole floats (32.0) made ints: sizes are
+    positive whole numbers (vocab_size may be -1: the tokenizer decides), eps/theta/multiplier positive numbers,
+    n_heads divides dim into an even head size (rotary pairs), n_kv_heads divides n_heads. An error names ``path``
+    and the field as that file spells it (``names`` maps Meta's name to it, e.g. dim -> hidden_size)."""
+    names = names or {}
+    out = dict(params)
+
+    def refuse(key, expected):
+        try:
+            shown = json.dumps(params[key])
+        except (TypeError, ValueError):
+            shown = repr(params[key])
+        raise CheckpointError(f"{path}: {names.get(key, key)} is {shown}, expected {expected}; correct the file "
+                              f"(or download it again)")
+
+    for key, value in params.items():
+        if value is None and key in _NULLABLE:
+            continue
+        if key in _WHOLE_SIZES:
+            whole = _whole(value)
+            if whole is None or not (whole > 0 or (key == "vocab_size" and whole == -1)):
+                refuse(key, "a positive whole number" + (" (or -1)" if key == "vocab_size" else ""))
+            out[key] = whole
+        elif key in _POSITIVE_NUMBERS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                refuse(key, "a positive number")
+    dim, heads = out["dim"], out["n_heads"]
+    kv = out.get("n_kv_heads") or heads
+    if dim % heads or (dim // heads) % 2:
+        refuse("n_heads", f"a head count that divides {names.get('dim', 'dim')} {dim} into heads of an even size "
+                          f"(rotary embeddings turn pairs of channels)")
+    if heads % kv:
+        refuse("n_kv_heads", f"a number that divides {names.get('n_heads', 'n_heads')} {heads}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,7 +147,25 @@ def list_shards(ckpt_dir) -> List[Path]:
     return [p for _, _, p in found]
 
 
+# torch.save writes a zip archive; the legacy format (torch < 1.6) starts with a pickle's PROTO opcode.
+_PTH_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _refuse_non_pth(path: Path) -> None:
+    """A file that cannot be a torch.save file (an HTML error page, a text file) gets a plain answer here, before
+    torch.load would answer with unpickling errors and advice to retry with weights_only=False."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_PTH_STARTS):
+        return
+    start = head.split(b"\n")[0][:20].decode("utf-8", "backslashreplace")
+    what = "it is empty" if not head else f"it starts with {start!r}..."
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what}; the download probably failed): download it "
+                          f"again and check it against checklist.chk")
+
+
 def _torch_load(path: Path):
+    _refuse_non_pth(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -109,9 +190,13 @@ class ShardReader:
             try:
                 sd = _torch_load(self.path)
             except pickle.UnpicklingError as e:
+                # torch's own message ends in advice to retry with weights_only=False, i.e. to run the file's code;
+                # only the name of the refused global is kept.
+                found = re.search(r"(?i)unsupported (?:global: )?GLOBAL [\w.]+", str(e))
                 raise CheckpointError(
                     f"refused to load {self.path}: it is not a plain tensor checkpoint (weights_only=True rejects "
-                    f"pickled code). Only load checkpoints from sources you trust, converted to tensors only. ({e})"
+                    f"pickled code{': ' + found.group(0) if found else ''}). Only load checkpoints from sources you "
+                    f"trust, converted to tensors only"
                 ) from e
             except (RuntimeError, EOFError, OSError) as e:
                 raise CheckpointError(
@@ -242,34 +327,169 @@ def md5sum(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def prepare_destination(dst, overwrite: bool) -> Path:
+# ---------------------------------------------------------------------------------------------------------------
+# Destinations: written in a temporary folder beside DST, renamed into place when complete
+# ---------------------------------------------------------------------------------------------------------------
+# Staging folders are named .DST.tmp-PID@HOST-RANDOM (the new output) and .DST.old-PID@HOST-RANDOM (the previous
+# DST during an --overwrite swap). A run that is killed outright (SIGKILL, power loss) leaves one behind; the next run
+# into the same parent removes it when it is stale: its HOST is this machine and process PID is gone, or it has not
+# changed for STALE_AFTER_S (PIDs get reused, and another machine's PIDs cannot be checked on a shared file system).
+# A stale .old- folder is removed only when DST exists (the swap finished); otherwise it is the user's previous DST
+# and is only reported.
+STALE_AFTER_S = 24 * 3600
+_STAGING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[^@/]*)-[0-9a-f]{8}$")
+_LEGACY_TMP_RE = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}$")  # tempfile.mkdtemp names of earlier versions: age rule only
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32]
+
+
+def _staging_name(dst: Path, kind: str) -> Path:
+    return dst.with_name(f".{dst.name}.{kind}-{os.getpid()}@{_host()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; rely on the age rule
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _stale_reason(path: Path, pid: Optional[int], host: Optional[str]) -> Optional[str]:
+    age = time.time() - path.lstat().st_mtime
+    if age > STALE_AFTER_S:
+        return f"unchanged for {age / 3600:.0f} hours"
+    if pid is not None and host == _host() and not _pid_alive(pid):
+        return f"process {pid} is gone"
+    return None
+
+
+def clean_stale_staging(parent: Path) -> None:
+    """Remove (or, for a previous DST that was not replaced, report) the staging folders of killed runs in
+    ``parent``, one line each on stderr; see the rule above."""
+    for path in sorted(parent.iterdir()):
+        m = _STAGING_RE.match(path.name)
+        if not (m or _LEGACY_TMP_RE.match(path.name)) or path.is_symlink() or not path.is_dir():
+            continue
+        reason = _stale_reason(path, int(m["pid"]), m["host"]) if m else _stale_reason(path, None, None)
+        if reason is None:
+            continue
+        if m and m["kind"] == "old" and not (parent / m["name"]).exists():
+            print(f"note: {path} holds the previous {m['name']} of an --overwrite that was interrupted ({reason}); "
+                  f"rename it back to {parent / m['name']}, or delete it", file=sys.stderr)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}, left by an interrupted conversion ({reason})", file=sys.stderr)
+
+
+def _overlap(src: Path, dst: Path) -> Optional[str]:
+    """How ``dst`` overlaps ``src`` ("is", "is inside", "contains"), after symlinks, or None."""
+    s, d = Path(os.path.realpath(src)), Path(os.path.realpath(dst))
+    if s == d or (src.exists() and dst.exists() and os.path.samefile(src, dst)):
+        return "is"
+    if s in d.parents:
+        return "is inside"
+    if d in s.parents:
+        return "contains"
+    return None
+
+
+def prepare_destination(dst, overwrite: bool, sources: Iterable = ()) -> Path:
+    """Check ``dst`` before anything is read or written (nothing is created). It may not be, lie inside or contain
+    one of ``sources`` (the paths being converted), even with --overwrite: replacing it would delete or change what
+    the conversion reads. A non-empty ``dst`` needs ``overwrite``."""
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise CheckpointError(f"destination {dst} exists and is not empty; choose another folder or pass --overwrite")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        relation = _overlap(Path(src), dst)
+        if relation:
+            raise CheckpointError(
+                f"destination {dst} {relation} the source {src}; a conversion never writes over what it reads "
+                f"(not even with --overwrite): choose a destination outside {src}, e.g. a new folder beside it"
+            )
+    if dst.exists() and not overwrite:
+        if not dst.is_dir():
+            raise CheckpointError(f"destination {dst} exists; choose another path or pass --overwrite")
+        if any(dst.iterdir()):
+            raise CheckpointError(f"destination {dst} exists and is not empty; choose another folder or pass "
+                                  f"--overwrite")
     return dst
 
 
 def commit_folder(tmp: Path, dst: Path) -> None:
-    """Move a finished temporary folder to ``dst``; an old ``dst`` is removed only after the new one is complete."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(dst.name + f".old-{os.getpid()}")
-        dst.rename(old)
-    tmp.rename(dst)
+    """Move a finished temporary folder to ``dst`` durably; an old ``dst`` is removed only after the new one is in
+    place, and put back if the swap is interrupted."""
+    for path in tmp.iterdir():
+        fsync_file(path)
+    fsync_dir(tmp)
+    old = _staging_name(dst, "old") if os.path.lexists(dst) else None
+    try:
+        if old is not None:
+            os.rename(dst, old)
+        os.rename(tmp, dst)
+    except BaseException:  # e.g. Ctrl-C between the two renames: DST must not stay missing
+        if old is not None and os.path.lexists(old) and not os.path.lexists(dst):
+            os.rename(old, dst)
+        raise
+    fsync_dir(dst.parent)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(143) the way Ctrl-C raises KeyboardInterrupt, so the
+    temporary folder is removed on the way out. Installed only where SIGTERM has its default action (which kills
+    without any cleanup; a handler someone else installed is theirs to keep) and only in the main thread (the one
+    that may set handlers); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def staged_folder(dst, *, overwrite: bool = False, sources: Iterable = ()) -> Iterator[Path]:
+    """An empty temporary folder beside ``dst`` (checked by ``prepare_destination``) for the block to write into.
+    When the block ends normally it replaces ``dst``; on an error, Ctrl-C or SIGTERM it is removed. Its mode is what
+    the umask gives a plain mkdir (tempfile.mkdtemp's 0700 would carry over to the final folder)."""
+    dst = prepare_destination(dst, overwrite, sources)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(dst.parent)
+    with _sigterm_raises():
+        tmp = _staging_name(dst, "tmp")
+        try:
+            tmp.mkdir(mode=0o777)
+            yield tmp
+            commit_folder(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def write_checkpoint(dst, params: dict, shards: Iterable[Iterator[Tuple[str, torch.Tensor]]], *,
-                     fmt: str = "safetensors", overwrite: bool = False, extra_files: Iterable[Path] = ()) -> Path:
+                     fmt: str = "safetensors", overwrite: bool = False, extra_files: Iterable[Path] = (),
+                     sources: Iterable = ()) -> Path:
     """Write a Meta-layout folder: params.json, consolidated.NN.<fmt> (one per item of ``shards``, each an
-    iterator of (name, tensor)), copies of ``extra_files`` (e.g. tokenizer.model) and checklist.chk."""
+    iterator of (name, tensor)), copies of ``extra_files`` (e.g. tokenizer.model) and checklist.chk.
+    ``sources``: the paths the tensors come from, which ``dst`` may not overlap."""
     if fmt not in ("safetensors", "pth"):
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; use 'safetensors' or 'pth'")
-    dst = prepare_destination(dst, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    dst = Path(dst)
+    with staged_folder(dst, overwrite=overwrite, sources=sources) as tmp:
         (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
         for i, tensors in enumerate(shards):
             state = {name: t.contiguous() for name, t in tensors}
@@ -283,27 +503,33 @@ def write_checkpoint(dst, params: dict, shards: Iterable[Iterator[Tuple[str, tor
             shutil.copyfile(extra, tmp / Path(extra).name)
         names = sorted(p.name for p in tmp.iterdir())
         (tmp / "checklist.chk").write_text("".join(f"{md5sum(tmp / n)}  {n}\n" for n in names))
-        commit_folder(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
+def companion_files(ckpt_dir) -> List[Path]:
+    """The files of a Meta folder that are not weights (tokenizer*.model, *.json other than params.json, ...), which
+    a rewrite of the weights carries over; params.json and checklist.chk are written anew, hidden files (temporary
+    ones) and subfolders are not part of a checkpoint."""
+    return sorted(p for p in Path(ckpt_dir).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and not _SHARD_RE.match(p.name)
+                  and p.name not in (PARAMS_FILE, "checklist.chk"))
+
+
 def reshard(src, dst, mp: int, *, fmt: Optional[str] = None, overwrite: bool = False) -> Path:
-    """Rewrite a Meta checkpoint with any shard count as ``mp`` shards, one output shard in memory at a time."""
+    """Rewrite a Meta checkpoint with any shard count as ``mp`` shards, one output shard in memory at a time,
+    into a new folder (``dst`` may not be ``src``: reshard beside it and rename)."""
+    prepare_destination(dst, overwrite, [src])  # before reading anything
     params = read_params(src)
     check_model_parallel_size(params, mp)
     readers = open_shards(src)
     fmt = fmt or ("safetensors" if readers[0].path.suffix == ".safetensors" else "pth")
-    extras = [p for p in Path(src).iterdir() if p.name == "tokenizer.model"]
 
     def shard(rank):
         for name in readers[0].keys():
             yield name, read_slice(readers, name, rank, mp)
 
     return write_checkpoint(dst, params, (shard(r) for r in range(mp)), fmt=fmt, overwrite=overwrite,
-                            extra_files=extras)
+                            extra_files=companion_files(src), sources=[src])
 
 
 # ---------------------------------------------------------------------------------------------------------------

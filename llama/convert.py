@@ -1,13 +1,15 @@
 """Checkpoint conversion: ``python -m llama.convert COMMAND ...``.
 
   llama2c IN.bin OUT_DIR [--tokenizer T.model] [--fmt safetensors|pth] [--mp N]   llama2.c legacy .bin -> Meta folder
-  to_llama2c CKPT_DIR OUT.bin                                                      Meta folder -> llama2.c .bin
-  reshard SRC DST --mp N [--fmt ...]                                               any shard count -> N shards
+  to_llama2c CKPT_DIR OUT.bin [--overwrite]                                        Meta folder -> llama2.c .bin
+  reshard SRC DST --mp N [--fmt ...] [--overwrite]                                 any shard count -> N shards
   hf_to_meta SRC DST [--mp N] [--fmt safetensors|pth] [--overwrite]                HF folder -> Meta folder
   meta_to_hf SRC DST [--dtype float32|bfloat16|float16] [--max_shard_size 5GB]    Meta folder -> HF folder
              [--tokenizer T.model] [--max_position_embeddings 4096] [--overwrite]
 (hf-to-meta and meta-to-hf are the same commands.) Conversions stream one tensor at a time and write to a temporary
-folder beside DST that is renamed into place when complete.
+folder beside DST that is renamed into place when complete; --overwrite replaces an existing DST only then. DST may
+never be, hold or lie inside SRC (reshard into a new folder and rename it). A mistake in the input is one line
+``error: ...`` on stderr with exit status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ import fire
 
 from llama import checkpoint as ckpt
 from llama import hf
+from llama.errors import cli_errors, take_debug_flag
 from llama.llama2c import read_llama2c, write_llama2c
 
 
 def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "safetensors", mp: int = 1,
             overwrite: bool = False) -> str:
     """Convert a llama2.c legacy checkpoint (e.g. stories260K.bin) into a Meta-layout folder."""
+    ckpt.prepare_destination(dst, overwrite, [src])  # before reading anything
     params, state = read_llama2c(src)
     ckpt.check_model_parallel_size(params, mp)
     shards = [[] for _ in range(mp)]
@@ -32,13 +36,16 @@ def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "saf
             shards[rank].append((name, piece))
     extras = [Path(tokenizer)] if tokenizer else []
     out = ckpt.write_checkpoint(dst, params, (iter(s) for s in shards), fmt=fmt, overwrite=overwrite,
-                                extra_files=extras)
+                                extra_files=extras, sources=[src])
     print(f"wrote {out} ({mp} shard{'s' if mp > 1 else ''}, {fmt})")
     return str(out)
 
 
-def to_llama2c(src: str, dst: str, seq_len: int = 2048) -> str:
+def to_llama2c(src: str, dst: str, seq_len: int = 2048, overwrite: bool = False) -> str:
     """Convert a Meta-layout folder (any shard count) into a llama2.c legacy fp32 .bin."""
+    ckpt.prepare_destination(dst, overwrite, [src])
+    if Path(dst).is_dir():
+        raise ckpt.CheckpointError(f"{dst} is a folder; to_llama2c writes one file: pass a path like {dst}/model.bin")
     params = ckpt.read_params(src)
     readers = ckpt.open_shards(src)
     state = {name: ckpt.read_slice(readers, name, 0, 1) for name in readers[0].keys()}
@@ -78,7 +85,9 @@ COMMANDS = {"llama2c": llama2c, "to_llama2c": to_llama2c, "reshard": reshard, "h
 
 
 def main():
-    fire.Fire(COMMANDS)
+    argv, debug = take_debug_flag()
+    with cli_errors(debug):
+        fire.Fire(COMMANDS, command=argv, name="python -m llama.convert")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog_prompt, has_special_tags
 from llama.checkpoint import CheckpointError, open_checkpoint
+from llama.device import select_device
 from llama.model import ModelArgs, Transformer
 from llama.parallel import (
     get_model_parallel_group,
@@ -41,12 +42,6 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]  # not required
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     # CPUs here have no fast bf16 matmul, so fp32 there; bf16 on GPUs that support it, else fp16.
     if device.type == "cuda":
@@ -64,7 +59,7 @@ class Llama:
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         *,
-        device: Optional[str] = None,
+        device: Union[None, str, torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         quantize: Optional[str] = None,
         compile: bool = False,
@@ -85,9 +80,7 @@ class Llama:
             torch.set_num_threads(num_threads)
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be >= 1")
-        device = torch.device(device) if device is not None else default_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = select_device(device)
         init_distributed("nccl" if device.type == "cuda" else "gloo")
         world = dist.get_world_size() if dist.is_initialized() else 1
         initialize_model_parallel(model_parallel_size or world)

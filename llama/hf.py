@@ -13,9 +13,9 @@ one output shard in memory and goes through a temporary folder renamed into plac
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -28,12 +28,13 @@ from llama.checkpoint import (
     PARAMS_FILE,
     CheckpointError,
     check_model_parallel_size,
-    commit_folder,
+    check_params,
     global_shape,
     open_shards,
     prepare_destination,
     read_params,
     read_slice,
+    staged_folder,
     write_checkpoint,
 )
 from llama.model import ffn_params_for
@@ -47,6 +48,10 @@ TOKENIZER_FILE = "tokenizer.model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 DEFAULT_MAX_POSITIONS = 4096  # Llama 2's training context; Meta's params.json does not record it
+# config.json's name for each params.json field, so that a bad value is reported under the name the file uses
+CONFIG_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+                "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta"}
 
 _GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
@@ -180,24 +185,28 @@ def params_from_config(config: dict, path: Path) -> dict:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise CheckpointError(f"{path} sets {key}: true; Llama 2 linears have no bias")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_heads
-    if dim % n_heads or n_heads % n_kv:
-        raise CheckpointError(f"{path}: hidden_size {dim}, num_attention_heads {n_heads} and num_key_value_heads "
-                              f"{n_kv} do not divide evenly")
-    if config.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{path} sets head_dim {config['head_dim']} but hidden_size / num_attention_heads is "
-                              f"{dim // n_heads}; Llama 2 has no separate head_dim")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_scaling is {json.dumps(rope)}, expected null or an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in (None, "default"):
         raise CheckpointError(f"{path} uses rope scaling {rope_type!r}; Llama 2's rotary embedding has none")
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads}
+    raw = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
+           "n_heads": config["num_attention_heads"], "n_kv_heads": config.get("num_key_value_heads"),
+           "vocab_size": config["vocab_size"], "hidden_dim": config["intermediate_size"],
+           "norm_eps": config.get("rms_norm_eps", 1e-6),
+           "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0))}
+    checked = check_params(raw, path, CONFIG_NAMES)
+    dim, n_heads = checked["dim"], checked["n_heads"]
+    n_kv = checked["n_kv_heads"] or n_heads
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise CheckpointError(f"{path} sets head_dim {config['head_dim']} but hidden_size / num_attention_heads is "
+                              f"{dim // n_heads}; Llama 2 has no separate head_dim")
+    params = {"dim": dim, "n_layers": checked["n_layers"], "n_heads": n_heads}
     if n_kv != n_heads:
         params["n_kv_heads"] = n_kv
-    params.update(vocab_size=config["vocab_size"], **ffn_params_for(dim, config["intermediate_size"]),
-                  norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=float(theta))
+    params.update(vocab_size=checked["vocab_size"], **ffn_params_for(dim, checked["hidden_dim"]),
+                  norm_eps=checked["norm_eps"], rope_theta=float(checked["rope_theta"]))
     return params
 
 
@@ -317,7 +326,7 @@ class HFCheckpoint:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map; it should map tensor names to shard files")
-            files = {name: self.ckpt_dir / fname for name, fname in weight_map.items()}
+            files = {name: self._listed_file(index, name, fname) for name, fname in weight_map.items()}
             for path in sorted(set(files.values())):
                 if not path.is_file():
                     raise CheckpointError(f"{index} points at {path.name}, which is missing from {self.ckpt_dir}; "
@@ -331,6 +340,22 @@ class HFCheckpoint:
                 "save_pretrained(..., safe_serialization=True)" if any(n.endswith(".bin") for n in found) else "")
         raise CheckpointError(f"{self.ckpt_dir} has config.json but neither {WEIGHTS_FILE} nor {INDEX_FILE} "
                               f"(found {found[:10]}).{hint}")
+
+    def _listed_file(self, index: Path, tensor: str, fname) -> Path:
+        """The shard an index entry names. A file from the internet decides which path is opened, so the name must
+        be relative, without "..", and stay inside the folder after symlinks. One exception: the Hugging Face cache,
+        whose snapshots/REV/ files are symlinks into the repository's blobs/ folder."""
+        folder = Path(os.path.realpath(self.ckpt_dir))
+        allowed = [folder] + ([folder.parent.parent / "blobs"] if folder.parent.name == "snapshots" else [])
+        ok = isinstance(fname, str) and fname != "" and not Path(fname).is_absolute() and ".." not in Path(fname).parts
+        if ok:
+            real = Path(os.path.realpath(self.ckpt_dir / fname))
+            ok = any(a in real.parents for a in allowed)
+        if not ok:
+            raise CheckpointError(f"{index}: the weight_map entry {tensor!r}: {json.dumps(fname)} points outside "
+                                  f"{self.ckpt_dir}; shard files must be plain file names in the model folder: "
+                                  f"download the model again from a source you trust")
+        return self.ckpt_dir / fname
 
     @staticmethod
     def _open(path: Path):
@@ -418,14 +443,14 @@ def tokenizer_files(tokenizer_model: Path, max_length: int) -> Dict[str, dict]:
 
 
 def write_hf(dst, config: dict, tensors: Iterable[Tuple[str, torch.Tensor]], *, max_shard_size="5GB",
-             overwrite: bool = False, tokenizer: Optional[Path] = None) -> Path:
+             overwrite: bool = False, tokenizer: Optional[Path] = None, sources: Iterable = ()) -> Path:
     """Write an HF folder from (HF name, tensor) pairs, cutting a new ``model-k-of-n.safetensors`` whenever the
     next tensor would take the current one past ``max_shard_size`` (a single larger tensor gets a file of its own);
-    one shard is in memory at a time. One file is named ``model.safetensors`` and needs no index."""
+    one shard is in memory at a time. One file is named ``model.safetensors`` and needs no index. ``sources``: the
+    paths the tensors come from, which ``dst`` may not overlap."""
     limit = parse_size(max_shard_size)
-    dst = prepare_destination(dst, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    dst = Path(dst)
+    with staged_folder(dst, overwrite=overwrite, sources=sources) as tmp:
         shards: List[List[str]] = []
         buffer: Dict[str, torch.Tensor] = {}
         size = total_size = total_params = 0
@@ -465,10 +490,6 @@ def write_hf(dst, config: dict, tensors: Iterable[Tuple[str, torch.Tensor]], *, 
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
             for fname, content in tokenizer_files(tokenizer, config["max_position_embeddings"]).items():
                 (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
-        commit_folder(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -481,6 +502,7 @@ def meta_to_hf(src, dst, *, dtype: Optional[str] = None, max_shard_size="5GB", o
     """A Meta folder (any shard count) -> an HF folder, one tensor read at a time. ``dtype`` None keeps the
     stored dtype; ``tokenizer`` defaults to SRC/tokenizer.model when there is one."""
     src = Path(src)
+    prepare_destination(dst, overwrite, [src])  # before reading anything
     if not (src / PARAMS_FILE).is_file() and is_hf_folder(src):
         raise CheckpointError(f"{src} is a Hugging Face folder (config.json), not a Meta one; use hf_to_meta")
     params = read_params(src)
@@ -531,7 +553,7 @@ def meta_to_hf(src, dst, *, dtype: Optional[str] = None, max_shard_size="5GB", o
     bar = progress_bar(len(names), "meta_to_hf", show_progress)
     try:
         return write_hf(dst, config, stream, max_shard_size=max_shard_size, overwrite=overwrite,
-                        tokenizer=tok_path)
+                        tokenizer=tok_path, sources=[src])
     finally:
         bar.close()
 
@@ -540,6 +562,7 @@ def hf_to_meta(src, dst, *, mp: int = 1, fmt: str = "safetensors", overwrite: bo
                show_progress: bool = True) -> Path:
     """An HF folder -> a Meta folder of ``mp`` shards; each shard is built from slices of the HF tensors."""
     src = Path(src)
+    prepare_destination(dst, overwrite, [src])  # before reading anything
     if not is_hf_folder(src) and (src / PARAMS_FILE).is_file():
         raise CheckpointError(f"{src} is a Meta folder (params.json), not a Hugging Face one; use meta_to_hf")
     ckpt = HFCheckpoint(src)
@@ -568,6 +591,6 @@ def hf_to_meta(src, dst, *, mp: int = 1, fmt: str = "safetensors", overwrite: bo
 
     try:
         return write_checkpoint(dst, ckpt.params, (shard(r) for r in range(mp)), fmt=fmt, overwrite=overwrite,
-                                extra_files=extras)
+                                extra_files=extras, sources=[src])
     finally:
         bar.close()

@@ -9,7 +9,6 @@ so tensors map onto Meta's names with no permutation.
 """
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from llama.checkpoint import CheckpointError
+from llama.files import atomic_write
 from llama.model import ffn_params_for, precompute_rope
 
 HEADER = struct.Struct("<7i")
@@ -118,15 +118,12 @@ def write_llama2c(path, params: dict, state: Dict[str, torch.Tensor], seq_len: O
                layers("feed_forward.w2"), layers("feed_forward.w3"), state["norm.weight"], rope[..., 0], rope[..., 1]]
     if not shared:
         tensors.append(out)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(HEADER.pack(dim, hidden_dim, n_layers, n_heads, n_kv_heads,
                                 vocab_size if shared else -vocab_size, seq_len))
             for t in tensors:
                 f.write(t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)

@@ -53,6 +53,7 @@ from kollama.train.plan import build_epoch_plan
 from kollama.train.progress import Progress
 from kollama.train.run_folder import prepare_out_dir
 from kollama.train.stages import build_plan
+from llama.device import select_device
 from llama.parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                             get_data_parallel_world_size, get_model_parallel_group, get_model_parallel_rank,
                             init_distributed, initialize_model_parallel)
@@ -91,14 +92,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------------------------------------ setup
     def setup_runtime(self) -> None:
         cfg = self.cfg
-        if cfg.device:
-            self.device = torch.device(cfg.device)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            self.device = torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = select_device(cfg.device or None)
         self.started_group = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         init_distributed("nccl" if self.device.type == "cuda" else "gloo")
         initialize_model_parallel(cfg.model_parallel_size)
