@@ -6,6 +6,8 @@ top-p; model-parallel rank 0 decides and broadcasts) -> ids -> text.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import sys
 import time
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog_prompt, has_special_tags
 from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.device import select_device
+from llama.errors import UserError
 from llama.model import ModelArgs, Transformer
 from llama.parallel import (
     get_model_parallel_group,
@@ -99,6 +102,7 @@ class Llama:
         params = {**checkpoint.params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size,
                   "vocab_size": checkpoint.vocab_size}
         model_args = ModelArgs(**params)
+        check_kv_cache_fits(model_args, get_model_parallel_world_size(), dtype, device)
         # Build on the meta device (no memory, no init) and adopt the loaded tensors.
         model = Transformer(model_args, device="meta", dtype=dtype)
         state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(),
@@ -150,6 +154,7 @@ class Llama:
     def _start(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs) -> "_Run":
         params = self.model.params
         check_sampling(temperature, top_p)
+        check_token_batch(prompt_tokens, self.model.params.vocab_size)
         if not prompt_tokens:
             raise ValueError("no prompts were given; pass at least one")
         bsz = len(prompt_tokens)
@@ -166,8 +171,8 @@ class Llama:
                 f"a prompt of {max(lengths)} tokens does not fit max_seq_len={params.max_seq_len}; "
                 f"shorten the prompt or build with a larger max_seq_len"
             )
-        if max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise UserError(f"max_gen_len must be a whole number >= 0, got {max_gen_len!r}")
         return _Run(prompt_tokens, lengths, min(params.max_seq_len, max_gen_len + max(lengths)), max_gen_len,
                     temperature, top_p, logprobs, self.device)
 
@@ -286,16 +291,21 @@ class Llama:
                     max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
         """Yield the completion of ``prompt`` as text deltas (whole UTF-8 characters), ending before the first
         stop string. ``"".join(stream_text(...))`` equals ``text_completion([prompt], ...)[0]["generation"]``."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream_text takes one prompt string, got a {type(prompt).__name__}")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        check_max_gen_len(max_gen_len)
         yield from self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p,
                                 max_gen_len, stop)
 
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
                     max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
         """Yield the assistant's reply to ``dialog`` as text deltas; the same text as ``chat_completion``."""
+        check_list_of(dialog, dict, "dialog", "one dialog: a list of {'role', 'content'} messages")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        check_max_gen_len(max_gen_len)
         if has_special_tags(dialog):
             yield UNSAFE_ERROR
             return
@@ -350,8 +360,10 @@ class Llama:
     ) -> List[CompletionPrediction]:
         """Meta's text_completion, plus ``stop``: strings that end a generation, cut just before the first one to
         complete (with ``echo`` the prompt text is not searched)."""
+        check_list_of(prompts, str, "prompts", "a list of strings: text_completion([prompt])")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        check_max_gen_len(max_gen_len, allow_zero=echo)  # 0 with echo: the prompt's own log-probabilities
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs, texts = self._generate_until(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop)
@@ -373,8 +385,13 @@ class Llama:
         logprobs: bool = False,
         stop: Optional[Sequence[str]] = None,
     ) -> List[ChatPrediction]:
+        if isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict):
+            raise TypeError("dialogs must be a list of dialogs (each a list of messages); for one dialog pass "
+                            "chat_completion([dialog])")
+        check_list_of(dialogs, (list, tuple), "dialogs", "a list of dialogs: chat_completion([dialog])")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        check_max_gen_len(max_gen_len)
         if not dialogs:
             raise ValueError("no dialogs were given; pass at least one")
         # Dialogs that smuggle in [INST] or <<SYS>> get the error message instead of a generation (Meta's rule).
@@ -399,11 +416,70 @@ class Llama:
         return results
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    """temperature: a finite number >= 0 (0 = greedy). top_p: in [0, 1] when sampling (0 keeps only the most
+    likely token, as in Meta's sample_top_p); ignored at temperature 0, as Meta's code does."""
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature > 0 and (not _is_number(top_p) or not 0 <= top_p <= 1):
+        raise UserError(f"top_p must be a number in [0, 1], got {top_p!r}")
+
+
+def check_max_gen_len(max_gen_len, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < low:
+        raise UserError(f"max_gen_len must be a whole number >= {low} (or None: up to max_seq_len), got "
+                        f"{max_gen_len!r}")
+
+
+def check_list_of(items, kind, name: str, hint: str) -> None:
+    """A str is a sequence of str, so text_completion("Hi") would complete "H" and "i" separately: refuse it."""
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, (list, tuple)):
+        raise TypeError(f"{name} must be {hint}; got a {type(items).__name__}")
+    for i, x in enumerate(items):
+        if not isinstance(x, kind):
+            raise TypeError(f"{name}[{i}] is a {type(x).__name__}; {name} must be {hint}")
+
+
+def check_token_batch(prompt_tokens, vocab_size: int) -> None:
+    """A list of lists of token ids in [0, vocab_size): an id outside would index past the embedding table."""
+    check_list_of(prompt_tokens, (list, tuple), "prompt_tokens", "a list of token-id lists: generate([ids])")
+    for i, row in enumerate(prompt_tokens):
+        for t in row:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise UserError(f"prompt_tokens[{i}] holds {t!r}, not a token id of this model's vocabulary "
+                                f"(0..{vocab_size - 1}); encode text with this model's tokenizer")
+
+
+def check_kv_cache_fits(args: ModelArgs, model_parallel_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The KV cache (max_batch_size x max_seq_len per layer, this rank's kv heads) is allocated up front; say so
+    when it cannot fit, instead of failing inside the allocator."""
+    n_kv = (args.n_kv_heads or args.n_heads) // model_parallel_size
+    nbytes = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_kv * (args.dim // args.n_heads)
+              * torch.empty((), dtype=dtype).element_size())
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise UserError(f"the KV cache needs {nbytes / 2**30:.1f} GiB (max_seq_len {args.max_seq_len} x "
+                        f"max_batch_size {args.max_batch_size} x {args.n_layers} layers) but {device} has "
+                        f"{free / 2**30:.1f} GiB free; build with a smaller max_seq_len or max_batch_size")
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on ``device`` (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -7,26 +7,26 @@ model runs under torchrun exactly as a dense one.
 Kernels. Decode is a matrix-vector product, bound by reading the weights, so int8 should be ~4x less traffic
 than fp32. PyTorch 2.13's own CPU kernels for this are slower than the fp32 GEMV on the machine we measured
 (``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``: see benchmarks/RESULTS.md), so for int8 on
-CPU a small C kernel (AVX-512 / AVX2, OpenMP) is compiled with the system C compiler on first use and cached;
-it is registered as a torch custom op so ``torch.compile`` can call it. Without a C compiler, or on CUDA, int8
-falls back to ``F.linear(x, q.to(x.dtype)) * scale`` (which torch.compile fuses on CUDA). int4 uses PyTorch's
+CPU a small C kernel (AVX-512 / AVX2, OpenMP) is compiled with the system C compiler on first use and cached
+(llama/kernel_cache.py: only from a private folder, and only a library matching the digest of our own build is
+loaded); it is registered as a torch custom op so ``torch.compile`` can call it. Without a C compiler, or on CUDA,
+int8 falls back to ``F.linear(x, q.to(x.dtype)) * scale`` (which torch.compile fuses on CUDA). int4 uses PyTorch's
 tinygemm kernels on both devices (``_weight_int4pack_mm`` on CUDA, ``_weight_int4pack_mm_for_cpu`` on CPU).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
 import subprocess
-import tempfile
+import threading
 import warnings
-from pathlib import Path
 from typing import Callable, Dict, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llama import kernel_cache
 
 # Rows of activations up to which the int8 kernel is used; above it (prefill) the product is compute bound and
 # dequantizing the weight once for a BLAS GEMM is faster.
@@ -81,48 +81,31 @@ void int8_mm(const float* x, const int8_t* q, const float* scale, float* y, int6
 }
 """
 
-_LIB = None  # ctypes handle, False when the kernel could not be built
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("LLAMA_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama_kernels")
-    return Path(root)
-
-
-def _cpu_key() -> str:
-    # -march=native code is only valid on this CPU: key the cached library by the CPU's flags too.
-    try:
-        flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256((_C_SOURCE + flags).encode()).hexdigest()[:16]
+_LIB = None  # ctypes handle, False when the kernel could not be built or its cache is not safe to load from
+_LIB_LOCK = threading.Lock()  # one build per process, even when threads quantize at once
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
 def _load_kernel():
-    """Compile (once per machine, cached) and load the int8 CPU kernel; None when no compiler is available."""
+    """Compile (once per machine, cached: llama/kernel_cache.py) and load the int8 CPU kernel; None when it cannot
+    be built or the cache is not private (one warning says why)."""
     global _LIB
-    if _LIB is not None:
-        return _LIB or None
-    so = _cache_dir() / f"int8_mm_{_cpu_key()}.so"
-    try:
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                src.write_text(_C_SOURCE)
-                cc = os.environ.get("CC", "gcc")
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out)],
-                               check=True, capture_output=True, text=True, timeout=120)
-                os.replace(out, so)  # atomic: concurrent processes never load a half-written library
-        lib = ctypes.CDLL(str(so))
-        lib.int8_mm.restype = None
-        lib.int8_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        _LIB = lib
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        warnings.warn(f"the int8 CPU kernel could not be built ({str(detail)[:300]}); int8 falls back to "
-                      f"dequantize + matmul, which is correct but not faster than fp32. Install gcc (or set CC).")
-        _LIB = False
+    with _LIB_LOCK:
+        if _LIB is None:
+            try:
+                lib = kernel_cache.load_library("int8_mm", _C_SOURCE, _CFLAGS)
+                lib.int8_mm.restype = None
+                lib.int8_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                _LIB = lib
+            except kernel_cache.UnsafeCacheError as e:
+                warnings.warn(f"int8 CPU kernel not used: {e}; int8 falls back to dequantize + matmul.")
+                _LIB = False
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", "") or e
+                warnings.warn(f"the int8 CPU kernel could not be built ({str(detail)[:300]}); int8 falls back to "
+                              f"dequantize + matmul, which is correct but not faster than fp32. Install gcc (or set "
+                              f"CC).")
+                _LIB = False
     return _LIB or None
 
 

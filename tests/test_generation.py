@@ -107,13 +107,31 @@ def test_sampling_leaves_the_global_rng_alone():
     (dict(prompt_tokens=[[1]] * 5), r"5 prompts.*max_batch_size is 4"),
     (dict(prompt_tokens=[[1] * 65]), r"65 tokens.*max_seq_len=64"),
     (dict(prompt_tokens=[[1], []]), "no tokens"),
-    (dict(prompt_tokens=[[1]], temperature=-0.1), "temperature must be >= 0"),
-    (dict(prompt_tokens=[[1]], top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(prompt_tokens=[[1]], top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(prompt_tokens=[[1]], max_gen_len=-1), "max_gen_len must be >= 0"),
+    (dict(prompt_tokens=[[1, 128]]), r"prompt_tokens\[0\] holds 128, not a token id .*\(0..127\)"),
+    (dict(prompt_tokens=[[1, -1]]), r"holds -1, not a token id"),
+    (dict(prompt_tokens=[[1]], temperature=-0.1), "temperature must be a finite number >= 0"),
+    (dict(prompt_tokens=[[1]], temperature=float("nan")), r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
+    (dict(prompt_tokens=[[1]], temperature=float("inf")), r"temperature must be a finite number >= 0 \(0 = greedy\), got inf"),
+    (dict(prompt_tokens=[[1]], top_p=1.5), r"top_p must be a number in \[0, 1\]"),
+    (dict(prompt_tokens=[[1]], top_p=-0.1), r"top_p must be a number in \[0, 1\]"),
+    (dict(prompt_tokens=[[1]], max_gen_len=-1), "max_gen_len must be a whole number >= 0"),
+    (dict(prompt_tokens=[[1]], max_gen_len=2.5), "max_gen_len must be a whole number >= 0"),
 ])
 def test_bad_input(kwargs, message):
     llama = make_llama()
     kwargs.setdefault("max_gen_len", 4)
     with pytest.raises(ValueError, match=message):
         llama.generate(**kwargs)
+
+
+def test_top_p_zero_is_greedy_and_ignored_at_temperature_zero():
+    """Meta's sample_top_p keeps only the most likely token at p = 0, and temperature 0 never looks at top_p."""
+    llama = make_llama(eos_id=-5)
+    greedy, _ = llama.generate(PROMPTS, max_gen_len=6, temperature=0)
+    assert llama.generate(PROMPTS, max_gen_len=6, temperature=0.8, top_p=0.0)[0] == greedy
+    assert llama.generate(PROMPTS, max_gen_len=6, temperature=0, top_p=7.0)[0] == greedy
+
+
+def test_a_flat_token_list_is_a_type_error():
+    with pytest.raises(TypeError, match=r"prompt_tokens\[0\] is a int; .*generate\(\[ids\]\)"):
+        make_llama().generate([1, 5, 9], max_gen_len=2)

@@ -83,3 +83,37 @@ def test_example_script_takes_lora_path(setup):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("==================================") == 4
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda L: L.text_completion("Hi"), TypeError, r"prompts must be a list of strings: text_completion\(\[prompt\]\); got a str"),
+    (lambda L: L.text_completion(["Hi", 3]), TypeError, r"prompts\[1\] is a int"),
+    (lambda L: L.text_completion(["Hi"], max_gen_len=0), ValueError, "max_gen_len must be a whole number >= 1"),
+    (lambda L: L.text_completion(["Hi"], temperature=float("nan")), ValueError, "temperature must be a finite"),
+    (lambda L: L.chat_completion([{"role": "user", "content": "Hi"}]), TypeError,
+     r"dialogs must be a list of dialogs .*chat_completion\(\[dialog\]\)"),
+    (lambda L: L.chat_completion("Hi"), TypeError, "dialogs must be a list of dialogs"),
+    (lambda L: L.chat_completion([[{"role": "user", "content": "Hi"}]], max_gen_len=-3), ValueError,
+     "max_gen_len must be a whole number >= 1"),
+    (lambda L: list(L.stream_text(["Hi"])), TypeError, "stream_text takes one prompt string, got a list"),
+    (lambda L: list(L.stream_chat("Hi")), TypeError, "dialog must be one dialog"),
+])
+def test_public_api_refuses_misuse(setup, call, error, message):
+    llama = Llama.build(setup["ckpt"], setup["tok"], max_seq_len=32, max_batch_size=2, device="cpu")
+    with pytest.raises(error, match=message):
+        call(llama)
+
+
+def test_echo_with_max_gen_len_zero_scores_the_prompt(setup):
+    llama = Llama.build(setup["ckpt"], setup["tok"], max_seq_len=32, max_batch_size=2, device="cpu")
+    out = llama.text_completion(["Once upon a time"], max_gen_len=0, echo=True, logprobs=True)[0]
+    assert out["generation"] == "Once upon a time" and len(out["logprobs"]) == len(out["tokens"]) > 1
+
+
+def test_kv_cache_too_large_is_named_up_front(setup, monkeypatch):
+    import llama.generation as G
+
+    monkeypatch.setattr(G, "available_memory", lambda device: 10 * 2**20)  # 10 MiB free
+    with pytest.raises(ValueError, match=r"the KV cache needs 0.1 GiB \(max_seq_len 4096 x max_batch_size 64 x 2 "
+                                         r"layers\) but cpu has 0.0 GiB free; build with a smaller"):
+        Llama.build(setup["ckpt"], setup["tok"], max_seq_len=4096, max_batch_size=64, device="cpu")
