@@ -16,7 +16,7 @@ REQUEST_PAGE="https://ai.meta.com/resources/models-and-libraries/llama-downloads
 
 usage() {
     cat <<EOF
-Usage: ./download.sh [--url URL] [--models LIST] [--target DIR] [--tool wget|curl]
+Usage: ./download.sh [--url URL] [--models LIST] [--target DIR] [--tool wget|curl] [--mirror]
 
 Downloads Llama 2 from Meta. Request a download link at
   $REQUEST_PAGE
@@ -29,6 +29,8 @@ Options (each has an environment variable; options win):
                        valid: $ALL_MODELS
   -t, --target DIR     where to put the files; default "."      (TARGET_FOLDER)
       --tool NAME      wget or curl; default wget if installed  (LLAMA_DOWNLOAD_TOOL)
+      --mirror         accept a URL on another host or over plain http:// (LLAMA_DOWNLOAD_MIRROR=1);
+                       without it only https:// links on *.llamameta.net are used
   -h, --help           show this help
 The checksum tool can be forced with LLAMA_MD5_TOOL=md5sum|md5|openssl.
 
@@ -79,6 +81,7 @@ MODELS_SET=0
 if [ -n "${MODEL_SIZE+x}" ] && [ -n "$MODEL_SIZE" ]; then MODELS_SET=1; fi
 TARGET="${TARGET_FOLDER:-.}"
 TOOL="${LLAMA_DOWNLOAD_TOOL-}"
+MIRROR="${LLAMA_DOWNLOAD_MIRROR:-0}"
 
 need_value() {
     if [ "$2" -lt 2 ]; then usage_error "option $1 needs a value"; fi
@@ -95,6 +98,7 @@ while [ $# -gt 0 ]; do
         --target=*) TARGET="${1#*=}"; shift ;;
         --tool) need_value "$1" $#; TOOL="$2"; shift 2 ;;
         --tool=*) TOOL="${1#*=}"; shift ;;
+        --mirror) MIRROR=1; shift ;;
         *) usage_error "unknown argument: $1" ;;
     esac
 done
@@ -176,6 +180,21 @@ check_url() {
         *) usage_error "the URL must start with https:// -- got '${u:0:60}'. Please $COPY_HINT" ;;
     esac
     rest="${lower#*://}"
+    # The link carries signed credentials and the files are code we will load: only Meta's host, only over TLS,
+    # unless the user vouches for a mirror. The host is what a client would connect to (after any user@).
+    host="${rest%%[/?#]*}"
+    host="${host##*@}"
+    host="${host%%:*}"
+    if [ "$MIRROR" != 1 ]; then
+        case "$lower" in
+            https://*) ;;
+            *) usage_error "the URL starts with http://, which would send your signed link and receive the weights unencrypted; use Meta's https:// link (or pass --mirror for a mirror you trust). Please $COPY_HINT" ;;
+        esac
+        case "$host" in
+            llamameta.net|*.llamameta.net) ;;
+            *) usage_error "the URL's host is '$host', not Meta's download host (*.llamameta.net); pass --mirror to download from a mirror you trust. Please $COPY_HINT" ;;
+        esac
+    fi
     case "$rest" in
         *http://*|*https://*|*http%3a*|*https%3a*)
             usage_error "this is a redirect/tracking link (it has another URL inside it), not Meta's presigned download URL. Please $COPY_HINT" ;;

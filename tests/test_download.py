@@ -152,9 +152,11 @@ def run(tmp_path, tool, args=(), env=None, stdin="", timeout=25):
     full_env = {k: v for k, v in os.environ.items()
                 if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
                 and k not in ("PRESIGNED_URL", "MODEL_SIZE", "TARGET_FOLDER", "LLAMA_DOWNLOAD_TOOL",
+                              "LLAMA_DOWNLOAD_MIRROR",
                               "LLAMA_MD5_TOOL", "WGETRC", "CURL_HOME")}
+    # The fake server is a "mirror" (http on 127.0.0.1), which the script accepts only when told so.
     full_env.update(HOME=str(home), no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost",
-                    LLAMA_DOWNLOAD_TOOL=tool)
+                    LLAMA_DOWNLOAD_TOOL=tool, LLAMA_DOWNLOAD_MIRROR="1")
     full_env.update(env or {})
     proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp_path, env=full_env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -397,3 +399,23 @@ def test_help():
     assert rc.returncode == 0
     for word in ("--url", "--models", "--target", "PRESIGNED_URL", "MODEL_SIZE", "TARGET_FOLDER", VALID):
         assert word in rc.stdout
+
+
+@pytest.mark.parametrize("url,expect", [
+    (f"http://download.llamameta.net/*?{QUERY}", "starts with http://"),
+    (f"https://download.llamameta.net.evil.example/*?{QUERY}", "host is 'download.llamameta.net.evil.example'"),
+    (f"https://download.llamameta.net@evil.example/*?{QUERY}", "host is 'evil.example'"),
+    (f"https://evil.example/download.llamameta.net/*?{QUERY}", "host is 'evil.example'"),
+], ids=["http", "lookalike-host", "userinfo", "host-in-path"])
+def test_only_https_on_metas_host_without_mirror(tmp_path, url, expect):
+    rc, out, err = run(tmp_path, TOOLS[0], env={"PRESIGNED_URL": url, "MODEL_SIZE": "7B", "LLAMA_DOWNLOAD_MIRROR": "",
+                                                "TARGET_FOLDER": str(tmp_path / "w")})
+    assert rc == 2 and expect in err and "--mirror" in err, out + err
+    assert not (tmp_path / "w").exists()
+
+
+def test_mirror_flag_allows_another_host(server, tmp_path):
+    rc, out, err = run(tmp_path, TOOLS[0], ["--mirror", "--url", server.url, "--models", "7B",
+                                             "--target", str(tmp_path / "w")], env={"LLAMA_DOWNLOAD_MIRROR": ""})
+    assert rc == 0, out + err
+    assert (tmp_path / "w" / "llama-2-7b" / "consolidated.00.pth").is_file()
