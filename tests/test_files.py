@@ -42,3 +42,18 @@ def test_missing_folder_and_unwritable_places_are_named(tmp_path):
     with pytest.raises(UserError, match="--out .*is a file, not a folder"):
         check_writable(tmp_path / "file" / "sub" / "out.json", "--out")
     check_writable(tmp_path / "new" / "deeper" / "out.json", "--out")  # created later: fine
+
+
+def test_wrong_llama_test_data_fails_at_collection(tmp_path):
+    """A wrong LLAMA_TEST_DATA is an error that names what is missing, not silent skips."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "tokenizer.model").write_bytes(b"x")
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_files.py"),
+                           "-k", "umask"], env={**os.environ, "LLAMA_TEST_DATA": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
+    assert f"LLAMA_TEST_DATA={tmp_path} lacks stories260K.bin, tok512.model" in proc.stderr, proc.stderr
