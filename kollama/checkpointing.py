@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from kollama.distributed import local
 from llama.errors import UserError
-from llama.files import atomic_write, atomic_write_bytes, fsync_dir, fsync_file, write_json
+from llama.files import atomic_write, atomic_write_bytes, fsync_dir, fsync_file, sha256_file, write_json
 from llama.checkpoint import write_checkpoint
 from llama.parallel import (get_model_parallel_group, get_model_parallel_rank, get_model_parallel_src_rank,
                             get_model_parallel_world_size)
@@ -83,11 +83,7 @@ def _safetensors_save(tensors: Dict[str, torch.Tensor], path) -> Path:
 
 def file_digest(path) -> dict:
     """{"size", "sha256"} of a file as read back from the file system."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def config_hash(config: dict) -> str:

@@ -46,12 +46,13 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 from llama.checkpoint import MetaCheckpoint, global_shape, open_checkpoint
 from llama.errors import UserError
+from llama.files import sha256_file
 from llama.hf import permute_to_meta, rotary_heads
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
@@ -70,11 +71,7 @@ class FingerprintMismatch(UserError):
 # Tokenizer and architecture
 # ---------------------------------------------------------------------------------------------------------------
 def tokenizer_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def architecture(params: dict, vocab_size: int) -> dict:

@@ -8,6 +8,7 @@ gives, as ``open()`` would.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,15 @@ from typing import Callable, Union
 
 PathLike = Union[str, os.PathLike]
 TMP_MARK = ".tmp-"  # temporary siblings are named .NAME.tmp-PID (files) or .NAME.tmp-XXXX (folders)
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: PathLike) -> None:

@@ -11,6 +11,7 @@ import numbers
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
@@ -21,6 +22,7 @@ from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog_promp
 from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.device import select_device
 from llama.errors import UserError
+from llama.files import sha256_file
 from llama.model import ModelArgs, Transformer
 from llama.parallel import (
     get_model_parallel_group,
@@ -99,6 +101,7 @@ class Llama:
                 f"the tokenizer {tokenizer_path} has {tokenizer.n_words} pieces but the checkpoint has "
                 f"{checkpoint.vocab_size} embedding rows; pass the tokenizer this model was trained with"
             )
+        check_saved_tokenizer(ckpt_dir, tokenizer_path)
         params = {**checkpoint.params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size,
                   "vocab_size": checkpoint.vocab_size}
         model_args = ModelArgs(**params)
@@ -453,6 +456,16 @@ def check_token_batch(prompt_tokens, vocab_size: int) -> None:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise UserError(f"prompt_tokens[{i}] holds {t!r}, not a token id of this model's vocabulary "
                                 f"(0..{vocab_size - 1}); encode text with this model's tokenizer")
+
+
+def check_saved_tokenizer(ckpt_dir, tokenizer_path) -> None:
+    """A checkpoint folder that carries its own SentencePiece model (the converters and the trainer copy it there)
+    must be paired with it: a tokenizer of the same size but other pieces would load and silently give nonsense."""
+    saved = sorted(Path(ckpt_dir).glob("*.model")) if Path(ckpt_dir).is_dir() else []
+    if not saved or sha256_file(tokenizer_path) in {sha256_file(p) for p in saved}:
+        return
+    raise CheckpointError(f"the tokenizer {tokenizer_path} differs from {', '.join(map(str, saved))}, saved with this "
+                          f"checkpoint (same size, other pieces); pass --tokenizer_path {saved[0]}")
 
 
 def check_kv_cache_fits(args: ModelArgs, model_parallel_size: int, dtype: torch.dtype, device: torch.device) -> None:
