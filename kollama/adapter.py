@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kollama.fingerprint import FingerprintMismatch, base_fingerprint, check_same_base, tokenizer_sha256
-from kollama.lora import LoRALinear, load_adapter, read_adapter_config
+from kollama.lora import AdapterError, LoRALinear, load_adapter, read_adapter_config
 from kollama.qlora import quantize_base_nf4
 from llama.parallel import ParallelLinear
 
@@ -91,8 +91,8 @@ def apply_adapter(model: nn.Module, adapter_dir, *, ckpt_dir=None, tokenizer_pat
     config = read_adapter_config(adapter_dir)
     quantization = config.get("base_quantization")
     if quantization not in BASE_QUANTIZATIONS:
-        raise ValueError(f"adapter {adapter_dir} says base_quantization {quantization!r}; this version knows "
-                         f"{[q for q in BASE_QUANTIZATIONS if q]} (or none)")
+        raise AdapterError(f"adapter {adapter_dir} says base_quantization {quantization!r}; this version knows "
+                           f"{[q for q in BASE_QUANTIZATIONS if q]} (or none)")
     check_adapter_base(adapter_dir, config, ckpt_dir, tokenizer_path, allow_base_mismatch)
     if quantization == "nf4":
         quantize_base_nf4(model, measure_error=False)

@@ -417,10 +417,12 @@ def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_
     into pieces of at most ``cutoff_len``: continued pretraining keeps all of a long document); logs a summary.
     Raises DataError when nothing is usable."""
     if cutoff_len < 2:
-        raise DataError(f"cutoff_len must be >= 2 (a token and its target), got {cutoff_len}")
+        raise DataError(f"--cutoff_len must be >= 2 (a token and its target), got {cutoff_len}")
     stats = stats if stats is not None else DataStats()
     examples = []
-    first_dropped = None  # (source, cutoff_len that keeps its first target), for the error when nothing is left
+    # Examples whose prompt alone fills the cutoff: the first one's source, and the --cutoff_len that keeps the
+    # first answer token / all of every one of them, so the messages can name the length needed.
+    first_dropped, n_dropped, keep_first, keep_whole = None, 0, 0, 0
     for row in read_rows(paths, text_field, stats, encoding):
         try:
             ex = encode_row(row, tokenizer, template, train_on_inputs)
@@ -436,22 +438,33 @@ def load_examples(paths, tokenizer, template: str, cutoff_len: int, *, train_on_
             stats.truncated += 1
         if all(t == IGNORE_INDEX for t in ex.labels):
             stats.no_target += 1
-            if first_dropped is None:
-                need = next((i + 1 for i, t in enumerate(full.labels) if t != IGNORE_INDEX), len(full))
-                first_dropped = (row.source, need)
+            first_dropped, n_dropped = first_dropped or row.source, n_dropped + 1
+            keep_first = max(keep_first, next((i + 1 for i, t in enumerate(full.labels) if t != IGNORE_INDEX),
+                                              len(full)))
+            keep_whole = max(keep_whole, len(full))
             continue
         examples.append(ex)
     where = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
     log.info("%s: %s", where, stats.summary())
     if len(stats.skipped) > MAX_LOGGED:
         log.warning("... and %d more malformed rows", len(stats.skipped) - MAX_LOGGED)
+    dropped = _dropped_at_cutoff(first_dropped, cutoff_len, keep_first, keep_whole) if first_dropped else None
     if not examples:
-        raise _nothing_to_train(where, template, cutoff_len, stats, first_dropped)
+        raise _nothing_to_train(where, template, cutoff_len, stats, dropped)
+    if dropped:
+        log.warning("%s: %d examples dropped at --cutoff_len %d; %s", where, n_dropped, cutoff_len, dropped)
     return examples
 
 
+def _dropped_at_cutoff(first: str, cutoff_len: int, keep_first: int, keep_whole: int) -> str:
+    """The first example dropped at the cutoff and the --cutoff_len that keeps them all: the fix, in one line."""
+    return (f"first dropped: {first}: its prompt fills --cutoff_len {cutoff_len} and leaves no answer token to train "
+            f"on; use --cutoff_len {keep_whole} or more to keep the dropped examples whole ({keep_first} keeps their "
+            f"first answer token), or shorter prompts")
+
+
 def _nothing_to_train(where: str, template: str, cutoff_len: int, stats: DataStats,
-                      first_dropped: Optional[Tuple[str, int]]) -> DataError:
+                      dropped: Optional[str]) -> DataError:
     """The one-line error for data that gave no example: counts, the first reason with its file:line, the fix."""
     if not where:
         return DataError("no data files given; pass .jsonl/.json/.txt files to --data")
@@ -463,11 +476,8 @@ def _nothing_to_train(where: str, template: str, cutoff_len: int, stats: DataSta
     if stats.skipped:  # the reason itself names the --template or --text_field that fits, when one does
         parts.append(f"first skipped: {stats.skipped[0]}")
         parts.append("fix those rows, or use the --template/--text_field that fits them")
-    if first_dropped is not None:
-        source, need = first_dropped
-        parts.append(f"first dropped: {source}: its prompt fills the cutoff and leaves no answer token to train on")
-        parts.append(f"use --cutoff_len {need} or more (so that row keeps its first answer token), or shorter "
-                     f"prompts")
+    if dropped:
+        parts.append(dropped)
     return DataError("; ".join(parts))
 
 

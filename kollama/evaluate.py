@@ -47,7 +47,7 @@ import torch.distributed as dist
 from kollama import tasks as T
 from kollama.vocab import is_hangul, iter_corpus_lines, tokenizer_stats
 from llama.errors import UserError, cli_errors, take_debug_flag
-from llama.files import atomic_write_bytes
+from llama.files import atomic_write_bytes, check_writable
 
 MC_TASK_NAMES = list(T.MC_TASKS)
 ALIASES = {"kobest": [n for n in MC_TASK_NAMES if n.startswith("kobest_")], "translation": ["en2ko", "ko2en"]}
@@ -342,10 +342,50 @@ def _text_docs(files: Sequence[str], limit: Optional[int]) -> Dict[str, List[str
         docs = list(iter_corpus_lines(f, "text", limit, problems))
         for p in problems[:MAX_REPORTED_PROBLEMS]:
             print(f"skipped {p}", file=sys.stderr)
-        if not docs:
-            raise EvalError(f"no usable lines in {f}")
+        if not docs:  # not --limit's doing: it is checked to be >= 1
+            why = f"; {len(problems)} lines skipped, e.g. {problems[0]}" if problems else " (the file is empty)"
+            raise EvalError(f"no usable lines in {f}{why}; check --text_files / --data_dir")
         out[Path(f).stem] = docs
     return out
+
+
+def _whole(value, flag: str, minimum: int = 1, unset: Optional[str] = None) -> None:
+    """A count from the command line, checked before any work; ``unset``: what leaving it out means (None allowed).
+    fire passes `--limit 1.5` as a float, `--limit abc` as a str and a bare `--limit` as True; a negative --limit
+    would slice items[:-1] and score all items but one."""
+    if value is None and unset:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+        raise EvalError(f"{flag} must be {bound}{f' (or left out {unset})' if unset else ''}, got {value!r}")
+
+
+def check_options(task_list: Sequence[str], *, limit, k_shot, max_seq_len, batch_size, window, stride, max_gen_len,
+                  model_parallel_size, out, gen_out) -> None:
+    """Every count names its flag, and the output paths can be written, before a model is loaded."""
+    _whole(limit, "--limit", unset="to score every item")
+    _whole(k_shot, "--k_shot", minimum=0)
+    _whole(max_seq_len, "--max_seq_len", minimum=2)
+    _whole(batch_size, "--batch_size")
+    _whole(max_gen_len, "--max_gen_len")
+    _whole(model_parallel_size, "--model_parallel_size", unset="for one shard per process")
+    _whole(window, "--window", unset="for --max_seq_len")
+    _whole(stride, "--stride", unset="for half the window")
+    span = window or max_seq_len
+    if span > max_seq_len:
+        raise EvalError(f"--window {window} is longer than --max_seq_len {max_seq_len}; lower --window or raise "
+                        f"--max_seq_len")
+    if stride is not None and stride > span:
+        raise EvalError(f"--stride {stride} is longer than the window ({span} tokens); use --stride <= {span}")
+    generating = [t for t in task_list if t in ("en2ko", "ko2en", "kullm")]
+    if generating and max_gen_len >= max_seq_len:
+        raise EvalError(f"--max_gen_len {max_gen_len} leaves no room for a prompt in --max_seq_len {max_seq_len} "
+                        f"(tasks {', '.join(generating)} generate); lower --max_gen_len or raise --max_seq_len")
+    outputs = [("--out", out)] + ([("--gen_out", gen_out)] if gen_out and "kullm" in task_list else [])
+    for flag, path in outputs:
+        if Path(str(path)).is_dir():
+            raise EvalError(f"{flag} {path} is a folder; pass the path of a file to write (in it or elsewhere)")
+        check_writable(str(path), flag)
 
 
 def preflight(task_list: Sequence[str], data_dir, text_files, k_shot: int) -> None:
@@ -383,6 +423,9 @@ def evaluate(ckpt_dir: str, tokenizer_path: str, tasks=DEFAULT_TASKS, out: str =
     task_list = expand_tasks(tasks)
     if template not in T.TEMPLATES:
         raise EvalError(f"--template must be one of {', '.join(T.TEMPLATES)}, got {template!r}")
+    check_options(task_list, limit=limit, k_shot=k_shot, max_seq_len=max_seq_len, batch_size=batch_size,
+                  window=window, stride=stride, max_gen_len=max_gen_len, model_parallel_size=model_parallel_size,
+                  out=out, gen_out=gen_out)
     # bpc and tokenizer can run on --text_files alone; every other task reads its files from --data_dir.
     needs_data = [t for t in task_list if t not in ("bpc", "tokenizer") or not text_files]
     if needs_data and data_dir is None:

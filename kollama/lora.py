@@ -43,10 +43,11 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from llama.errors import UserError
 from llama.files import atomic_write
 from llama.parallel import (
     ParallelEmbedding,
@@ -65,6 +66,12 @@ PEFT_CONFIG = "adapter_config.json"
 _HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
              "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj"}
 _LORA_FIELDS = ("r", "alpha", "dropout", "targets", "use_rslora")
+RESAVE = ("save the adapter again (kollama.lora.save_adapter), or copy or download the folder again from where it "
+          "came from")
+
+
+class AdapterError(UserError):
+    """An adapter folder whose files cannot be used (damaged, incomplete, not written by save_adapter)."""
 
 
 class LoRALinear(nn.Module):
@@ -450,24 +457,35 @@ def read_adapter_config(path) -> dict:
     """The adapter_config.json of an adapter folder written by save_adapter (checked; the weights are not read)."""
     path = Path(path)
     cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist (or is not a folder); pass the folder that "
+                                f"holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     for p in (cfg_path, weights_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+            raise FileNotFoundError(f"{p} is missing; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}: "
+                                    f"{RESAVE}")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from e
-    missing = [k for k in _LORA_FIELDS if k not in config] if isinstance(config, dict) else list(_LORA_FIELDS)
+        config = json.loads(cfg_path.read_bytes())  # bytes: json detects UTF-8/16/32, whatever the locale
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a half-written file ends mid-value
+        raise AdapterError(f"{cfg_path} is damaged or incomplete (not valid JSON: {e}); {RESAVE}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_path} holds a JSON {type(config).__name__}, not the object save_adapter writes; "
+                           f"{RESAVE}")
+    missing = [k for k in _LORA_FIELDS if k not in config]
     if missing:
-        raise ValueError(f"{cfg_path} lacks {missing}; was it written by kollama.lora.save_adapter?")
+        raise AdapterError(f"{cfg_path} lacks {missing}; was it written by kollama.lora.save_adapter? {RESAVE}")
     return config
 
 
 def read_adapter(path) -> tuple:
     """(config dict, full adapter tensors) of an adapter folder written by save_adapter."""
     config = read_adapter_config(path)
-    with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    weights = Path(path) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:  # e.g. a copy or download cut short: "incomplete metadata, file not fully covered"
+        raise AdapterError(f"{weights} is damaged or incomplete ({e}); {RESAVE}") from None
     return config, state
 
 
@@ -482,12 +500,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     have = lora_config_of(model)
     differ = {k: (config[k], have[k]) for k in _LORA_FIELDS if config[k] != have[k]}
     if differ:
-        raise ValueError(f"adapter {path} was trained with other LoRA settings (file, model): {differ}")
+        raise AdapterError(f"adapter {path} was trained with other LoRA settings (file, model): {differ}")
     ws, rank = get_model_parallel_world_size(), get_model_parallel_rank()
     expected = {f"{p}.{k}": (m, k) for p, m in lora_layers(model).items() for k in ("lora_A", "lora_B")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter {path} does not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise AdapterError(f"adapter {path} does not fit this model: missing {missing[:6]}, unexpected "
+                           f"{unexpected[:6]}")
     with torch.no_grad():
         for key, (module, attr) in expected.items():
             param, dim, full = getattr(module, attr), module.shard_dims[attr], state[key]
@@ -495,8 +514,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             if dim is not None:
                 want[dim] *= ws
             if list(full.shape) != want:
-                raise ValueError(f"adapter tensor {key} has shape {tuple(full.shape)} but this model needs "
-                                 f"{tuple(want)} (full size); the adapter belongs to another model or rank r")
+                raise AdapterError(f"adapter tensor {key} has shape {tuple(full.shape)} but this model needs "
+                                   f"{tuple(want)} (full size); the adapter belongs to another model or rank r")
             param.copy_(full if dim is None else full.chunk(ws, dim=dim)[rank])
     return model
 

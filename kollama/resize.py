@@ -38,13 +38,17 @@ def decompose_new_pieces(old_tokenizer, new_tokenizer) -> List[Optional[List[int
     old = SentencePieceProcessor(model_file=str(old_tokenizer))
     new = SentencePieceProcessor(model_file=str(new_tokenizer))
     n_old = old.vocab_size()
+    # Either file can be the wrong one, so both are named (resize has checked the old one against the checkpoint).
     if new.vocab_size() < n_old:
-        raise VocabError(f"the new tokenizer has {new.vocab_size()} pieces, fewer than the old {n_old}")
+        raise VocabError(f"new tokenizer {new_tokenizer} has {new.vocab_size()} pieces, fewer than the {n_old} of "
+                         f"the old tokenizer {old_tokenizer}; pass the merged tokenizer (from `kollama.vocab merge`) "
+                         f"as NEW_TOKENIZER")
     for i in range(n_old):
         if old.id_to_piece(i) != new.id_to_piece(i):
             raise VocabError(
-                f"id {i} is {old.id_to_piece(i)!r} in the old tokenizer but {new.id_to_piece(i)!r} in the new one; "
-                f"resize needs a tokenizer that extends the old one (make it with `kollama.vocab merge`)"
+                f"id {i} is {old.id_to_piece(i)!r} in the old tokenizer {old_tokenizer} but {new.id_to_piece(i)!r} "
+                f"in the new tokenizer {new_tokenizer}; resize needs a tokenizer that extends the old one (make it "
+                f"with `kollama.vocab merge` from the old one)"
             )
     splitter = _processor_without_dummy_prefix(old_tokenizer)
     out = []
@@ -72,24 +76,32 @@ def resize(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite: bool
     """Write ``out_dir``: ``ckpt_dir`` with its vocabulary grown to ``new_tokenizer`` (same shard count/format)."""
     ckpt_dir = Path(str(ckpt_dir))
     new_tokenizer = _existing_file(new_tokenizer, "new tokenizer")
-    if old_tokenizer is None:
+    given = old_tokenizer is not None
+    if not given:
         old_tokenizer = ckpt_dir / "tokenizer.model"
         if not old_tokenizer.is_file():
             raise VocabError(f"{ckpt_dir} holds no tokenizer.model; pass --old_tokenizer (the model's tokenizer)")
-    old_tokenizer = _existing_file(old_tokenizer, "old tokenizer")
+    old_tokenizer = Path(str(old_tokenizer))
+    # Both files checked up front, the old one under the flag that chose it: SentencePiece's own errors name neither.
+    load_model_proto(new_tokenizer, "new tokenizer")
+    load_model_proto(old_tokenizer, "--old_tokenizer" if given else "old tokenizer")
+    where = (f"--old_tokenizer {old_tokenizer}" if given
+             else f"{old_tokenizer} (taken as the old tokenizer since --old_tokenizer was not given)")
     params = read_params(ckpt_dir)
     readers = open_shards(ckpt_dir)
     n_shards = len(readers)
     old_vocab = SentencePieceProcessor(model_file=str(old_tokenizer)).vocab_size()
+    # The old tokenizer is checked against the checkpoint before the new one against it: when it is the wrong
+    # one, the new tokenizer would otherwise be blamed for not extending it.
+    full = {name: read_slice(readers, name, 0, 1) for name in RESIZED}
+    for name, w in full.items():
+        if w.shape[0] != old_vocab:
+            raise VocabError(f"{name} of {ckpt_dir} has {w.shape[0]} rows but the old tokenizer has {old_vocab} "
+                             f"pieces, so {where} is not the tokenizer this checkpoint was trained with; pass that "
+                             f"one as --old_tokenizer")
 
-    grown = {}
     new_rows = decompose_new_pieces(old_tokenizer, new_tokenizer)
-    for name in RESIZED:
-        full = read_slice(readers, name, 0, 1)
-        if full.shape[0] != old_vocab:
-            raise VocabError(f"{name} has {full.shape[0]} rows but the old tokenizer has {old_vocab} pieces; "
-                             f"pass the tokenizer this checkpoint was trained with as --old_tokenizer")
-        grown[name] = split_tensor(name, grow_rows(full, new_rows), n_shards)
+    grown = {name: split_tensor(name, grow_rows(full.pop(name), new_rows), n_shards) for name in RESIZED}
     new_vocab = old_vocab + len(new_rows)
     if params.get("vocab_size", -1) not in (-1, None):
         params = {**params, "vocab_size": new_vocab}

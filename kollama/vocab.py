@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -108,13 +109,14 @@ def load_model_proto(path: PathLike, what: str = "tokenizer model"):
 # ---------------------------------------------------------------------------------------------------- corpus
 
 def iter_corpus_lines(path: PathLike, field: str = "text", max_lines: Optional[int] = None,
-                      problems: Optional[list] = None) -> Iterator[str]:
+                      problems: Optional[list] = None, strict_utf8: bool = False) -> Iterator[str]:
     """Yield the non-blank text lines of one corpus file.
 
     `.jsonl`/`.ndjson` files are read as one JSON object per line, taking the string in `field`; any other file is
     plain text, one sentence per line. Lines that cannot be used (bad UTF-8, bad JSON, missing or non-string field)
     are skipped and recorded in `problems` as "file:line: reason". Multi-line values are split into lines, as
-    SentencePiece trains on sentences.
+    SentencePiece trains on sentences. A NUL byte is a VocabError (text never holds one: the file is binary or
+    UTF-16, and its "lines" would be garbage), and so is bad UTF-8 with `strict_utf8`.
     """
     path = _existing_file(path, "corpus file")
     jsonl = path.suffix.lower() in JSONL_SUFFIXES
@@ -123,9 +125,13 @@ def iter_corpus_lines(path: PathLike, field: str = "text", max_lines: Optional[i
         for lineno, raw in enumerate(f, 1):
             if max_lines is not None and used >= max_lines:
                 return
+            if b"\0" in raw:
+                raise _not_text(path, lineno, "holds a NUL byte")
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
+            except UnicodeDecodeError as e:
+                if strict_utf8:
+                    raise _not_text(path, lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02X})") from None
                 _problem(problems, path, lineno, "not valid UTF-8")
                 continue
             if not line.strip():
@@ -138,6 +144,23 @@ def iter_corpus_lines(path: PathLike, field: str = "text", max_lines: Optional[i
                 if sentence.strip():
                     used += 1
                     yield sentence
+
+
+def _not_text(path: Path, lineno: int, what: str) -> VocabError:
+    """The error for a file that is not UTF-8 text, with the fix for what it seems to be (kollama.data's guess;
+    a file with NUL bytes is binary unless it starts with a UTF-16 byte-order mark)."""
+    from kollama.data import _guess_encoding, _sibling
+
+    raw = path.read_bytes()
+    guess = _guess_encoding(raw, "utf-8")
+    encoding = guess if guess == "utf-16" or (guess == "cp949" and b"\0" not in raw) else None
+    if encoding is None and b"\0" in raw:
+        fix = "it is a binary file, not text: pass a UTF-8 text file (one text per line) or a .jsonl file"
+    else:
+        fix = (f"{f'it looks like {encoding} text: ' if encoding else ''}convert it to UTF-8 once with: iconv -f "
+               f"{encoding or 'ENCODING'} -t utf-8 {shlex.quote(str(path))} > "
+               f"{shlex.quote(str(_sibling(path, '.utf8' + path.suffix)))}")
+    return VocabError(f"{path}:{lineno}: {what}; {fix}")
 
 
 def _json_field(line: str, field: str, path: Path, lineno: int, problems: Optional[list]) -> Optional[str]:
@@ -159,10 +182,11 @@ def _problem(problems: Optional[list], path: Path, lineno: int, reason: str) -> 
 
 
 def read_corpus(paths: Sequence[PathLike], field: str = "text", max_lines: Optional[int] = None,
-                log=None) -> List[str]:
+                log=None, strict_utf8: bool = False) -> List[str]:
     """All usable lines of the given files (at most `max_lines` from each). Skipped lines are reported with file:line
     (the first few per file) and counted. A file that yields no usable line is an error: it is almost always a wrong
-    path or a wrong --field, and silently training without it would hide that."""
+    path or a wrong --field, and silently training without it would hide that. `strict_utf8`: see
+    iter_corpus_lines."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -171,7 +195,7 @@ def read_corpus(paths: Sequence[PathLike], field: str = "text", max_lines: Optio
     lines: List[str] = []
     for path in paths:
         problems: List[str] = []
-        got = list(iter_corpus_lines(path, field, max_lines, problems))
+        got = list(iter_corpus_lines(path, field, max_lines, problems, strict_utf8))
         for p in problems[:MAX_REPORTED_PROBLEMS]:
             print(f"skipped {p}", file=log)
         if problems:
@@ -290,10 +314,12 @@ def padding_piece_names(start: int, count: int, taken: set) -> List[str]:
     return names
 
 
-def merge_protos(base, ko, pad_multiple: int = 64, model_parallel_size: int = 1):
+def merge_protos(base, ko, pad_multiple: int = 64, model_parallel_size: int = 1,
+                 names: Tuple[str, str] = ("the base model", "the Korean model")):
     """Return (merged ModelProto, info dict). The base proto is copied, not modified; base ids, pieces, scores and
     types are unchanged, Korean pieces are appended with scores below every base score, then UNUSED padding up to
-    a multiple of lcm(pad_multiple, model_parallel_size)."""
+    a multiple of lcm(pad_multiple, model_parallel_size). A Korean model that adds nothing is an error (the output
+    would be a copy of the base, and resizing a checkpoint to it a no-op). `names`: (base, ko) for messages."""
     for name, v in (("--pad_multiple", pad_multiple), ("--model_parallel_size", model_parallel_size)):
         if not isinstance(v, int) or v < 1:
             raise VocabError(f"{name} must be a positive integer, got {v!r}")
@@ -310,6 +336,11 @@ def merge_protos(base, ko, pad_multiple: int = 64, model_parallel_size: int = 1)
         raise VocabError("the base model keeps raw spaces (escape_whitespaces=false); padding pieces could then be "
                          "formed from input text, so this merge is not supported for it")
     new_pieces, skipped = select_new_pieces(base, ko)
+    if not new_pieces:
+        why = ", ".join(f"{v} {k}" for k, v in skipped.items() if v)
+        raise VocabError(f"{names[1]} adds no new piece to {names[0]} (of its {len(ko.pieces)} pieces: {why}); "
+                         f"check that it was trained on Korean text with `python -m kollama.vocab train` and that "
+                         f"BASE.model and KO.model are not swapped")
     merged = type(base)()
     merged.CopyFrom(base)
     scores = scores_below(min(p.score for p in base.pieces), len(new_pieces) + 1)
@@ -334,7 +365,8 @@ def merge_protos(base, ko, pad_multiple: int = 64, model_parallel_size: int = 1)
 def merge(base: PathLike, ko: PathLike, out: PathLike, pad_multiple: int = 64, model_parallel_size: int = 1) -> dict:
     """Merge the Korean model `ko` into the base tokenizer `base` and write `out` atomically; returns merge info."""
     merged, info = merge_protos(load_model_proto(base, "base model"), load_model_proto(ko, "Korean model"),
-                                pad_multiple, model_parallel_size)
+                                pad_multiple, model_parallel_size,
+                                names=(f"base model {base}", f"Korean model {ko}"))
     atomic_write_bytes(out, merged.SerializeToString())
     return dict(info, out=str(out))
 
@@ -381,7 +413,8 @@ def stats(*tokenizers: PathLike, text: PathLike, field: str = "text", max_lines:
     """tokenizer_stats for each tokenizer on the lines of `text` (plain text, or .jsonl with `field`)."""
     if not tokenizers:
         raise VocabError("no tokenizer given; pass one or more .model files before --text")
-    lines = read_corpus([text], field, max_lines)
+    # Strict: numbers over the lines that happen to decode (the ASCII ones of a CP949 file) would mislead.
+    lines = read_corpus([text], field, max_lines, strict_utf8=True)
     return [tokenizer_stats(t, lines) for t in tokenizers]
 
 
