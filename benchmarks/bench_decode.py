@@ -118,7 +118,7 @@ def step_bytes(model, bsz, ctx):
     p = model.params
     emb = model.tok_embeddings.weight
     weights = quantized_bytes(model) - emb.numel() * emb.element_size() + p.dim * emb.element_size()
-    kv = 2 * p.n_layers * bsz * ctx * p.kv_heads * p.head_dim * model.layers[0].attention.cache_k.element_size()
+    kv = 2 * p.n_layers * bsz * ctx * p.kv_heads * p.head_dim * model.layers[0].attention.cache.k.element_size()
     return weights + kv
 
 
@@ -276,7 +276,7 @@ def main():
             hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
             say(f"| {shape} | {kind} | memory: weights + static KV cache | | "
                 f"{quantized_bytes(model) / 1e6:.0f} MB + "
-                f"{sum(l.attention.cache_k.nbytes * 2 for l in model.layers) / 1e6:.0f} MB | "
+                f"{sum(c.nbytes for c in model.kv_caches()) / 1e6:.0f} MB | "
                 f"{hf_bytes / 1e6:.0f} MB (+ cache grown per call) | | |")
             del hf
         if not a.no_int8 and device.type == "cpu" and shape in ("stories260K", "1.1B"):

@@ -130,11 +130,13 @@ class Llama:
         self.generator.manual_seed(seed)
         self._decode_step = None
         if compile:
-            # Only the single-token step is compiled: its shapes are static (see Transformer.decode_step), so it
+            # Only the single-token step is compiled: its shapes are static (a tensor start_pos, see
+            # Transformer.hidden_states), so it
             # is traced once per batch size; prefill stays eager. On CUDA, "reduce-overhead" replays the step as a
             # CUDA graph, removing the per-kernel launch cost that dominates small-batch decode.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self._decode_step = torch.compile(lambda tokens, pos: model(tokens, pos)[:, -1], mode=mode,
+                                              fullgraph=True, dynamic=False)
 
     # -----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()

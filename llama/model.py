@@ -4,16 +4,17 @@ Differences from Meta's file, none of them visible in the state_dict or the logi
 * the linears and the embedding are ``llama.parallel`` layers, which need no process group at model parallel size 1;
 * rotary embedding uses real cos/sin tables (the same interleaved pairing as Meta's complex multiply);
 * attention runs through ``scaled_dot_product_attention`` (grouped-query heads via ``enable_gqa``, no copies of the
-  kv heads) and the KV cache is a non-persistent buffer written in place;
-* ``forward(..., use_cache=False)`` skips the cache for training;
-* ``decode_step`` is a static-shape single-token step (position as a tensor, fixed-size cache and mask) that
-  ``torch.compile`` can capture once, with CUDA graphs on GPUs.
+  kv heads) and the KV cache of each layer is a ``KVCache`` (preallocated, written in place, rolled back by
+  writing from an earlier position);
+* one trunk (``hidden_states``) serves prefill, chunked prefill and decode; ``forward(..., use_cache=False)`` skips
+  the cache for training; a tensor ``start_pos`` gives the static-shape single-token step (fixed-size cache and
+  mask) that ``torch.compile`` can capture once, with CUDA graphs on GPUs.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,51 @@ def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(xf) * rc).flatten(3).type_as(x)
 
 
+class KVCache(nn.Module):
+    """Keys and values of past positions for one attention layer, allocated once: (max_batch_size, max_seq_len,
+    local kv heads, head_dim). Non-persistent buffers, so the cache never enters the state_dict.
+
+    Positions belong to the caller: ``update(start_pos, k, v)`` writes positions start_pos.. and returns the keys and
+    values of positions 0..start_pos+S-1, so a later forward from an earlier ``start_pos`` rolls the cache back
+    (speculative decoding does this with rejected tokens); ``truncate(n)`` also clears what lies beyond n, so a
+    stale entry cannot be read by mistake. A 1-element tensor ``start_pos`` (the static-shape decode step that
+    torch.compile and CUDA graphs need) writes one position with ``index_copy_`` and returns the whole cache; the
+    caller masks the positions after it."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, *, device=None,
+                 dtype=None):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos, xk: torch.Tensor, xv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        bsz, seqlen = xk.shape[:2]
+        if isinstance(start_pos, torch.Tensor):
+            self.k[:bsz].index_copy_(1, start_pos, xk)
+            self.v[:bsz].index_copy_(1, start_pos, xv)
+            return self.k[:bsz], self.v[:bsz]
+        self.k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.v[:bsz, start_pos : start_pos + seqlen] = xv
+        return self.k[:bsz, : start_pos + seqlen], self.v[:bsz, : start_pos + seqlen]
+
+    def truncate(self, n: int) -> None:
+        self.k[:, n:].zero_()
+        self.v[:, n:].zero_()
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def allocate(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Fresh zeroed tensors of the same shape on ``device`` (after a model was built on the meta device)."""
+        self.k = torch.zeros(self.k.shape, device=device, dtype=dtype)
+        self.v = torch.zeros(self.v.shape, device=device, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, *, device=None, dtype=None):
         super().__init__()
@@ -139,33 +185,18 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
-        # The KV cache is state, not a parameter: non-persistent, so it never enters the state_dict.
-        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
-        self.register_buffer("cache_k", torch.zeros(cache_shape, **kw), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(cache_shape, **kw), persistent=False)
+        self.cache = KVCache(args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim, **kw)
 
     def forward(self, x: torch.Tensor, start_pos, rope: torch.Tensor, mask: Optional[torch.Tensor],
                 use_cache: bool = True) -> torch.Tensor:
-        """``start_pos`` is an int (write and read cache[:, :start_pos + S]), or, for ``decode_step``, a 1-element
-        long tensor: then the one new token is written with ``index_copy_`` and attention reads the whole
-        fixed-size cache under ``mask``, so every step has the same shapes (what torch.compile / CUDA graphs need)."""
+        """``start_pos``: an int, or a 1-element long tensor for the static-shape decode step (see KVCache)."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, rope), apply_rotary_emb(xk, rope)
 
-        if not use_cache:
-            keys, values = xk, xv
-        elif isinstance(start_pos, torch.Tensor):
-            self.cache_k[:bsz].index_copy_(1, start_pos, xk)
-            self.cache_v[:bsz].index_copy_(1, start_pos, xv)
-            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
-        else:
-            self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-            self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-            keys = self.cache_k[:bsz, : start_pos + seqlen]
-            values = self.cache_v[:bsz, : start_pos + seqlen]
+        keys, values = self.cache.update(start_pos, xk, xv) if use_cache else (xk, xv)
 
         # (bsz, heads, seq, head_dim). Query head h reads kv head h // n_rep: contiguous groups, as Meta's repeat_kv;
         # enable_gqa does that inside the kernel instead of materialising n_rep copies of the keys and values.
@@ -230,11 +261,11 @@ class Transformer(nn.Module):
         """Allocate the rope table and KV caches on ``device``; used after loading weights into a meta model."""
         p = self.params
         self.rope = precompute_rope(p.head_dim, p.max_seq_len * 2, p.rope_theta, device=device)
-        for layer in self.layers:
-            attn = layer.attention
-            shape = attn.cache_k.shape
-            attn.cache_k = torch.zeros(shape, device=device, dtype=dtype)
-            attn.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        for cache in self.kv_caches():
+            cache.allocate(device, dtype)
+
+    def kv_caches(self) -> List[KVCache]:
+        return [layer.attention.cache for layer in self.layers]
 
     def check_bounds(self, bsz: int, start_pos: int, seqlen: int, use_cache: bool = True) -> None:
         p = self.params
@@ -259,36 +290,30 @@ class Transformer(nn.Module):
         query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
         return key_pos[None, :] <= query_pos[:, None]
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, *, use_cache: bool = True,
+    def hidden_states(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, *, use_cache: bool = True,
                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final-norm hidden states (bsz, seqlen, dim). ``mask`` overrides the causal mask (e.g. packed documents)."""
+        """Final-norm hidden states (bsz, seqlen, dim): the one trunk behind prefill, chunked prefill and decode.
+
+        ``start_pos`` an int: S new tokens at positions start_pos.. attend to the cached ones before them (``mask``
+        overrides the causal mask, e.g. for packed documents). ``start_pos`` a 1-element long tensor: one new token
+        per row with shapes that do not depend on the position (the whole cache is read, later positions masked
+        off), so ``torch.compile`` traces it once per batch size and CUDA graphs can replay it; its bounds are the
+        caller's job (a Python check on a tensor would force a device sync every step)."""
         bsz, seqlen = tokens.shape
-        self.check_bounds(bsz, start_pos, seqlen, use_cache)
+        if isinstance(start_pos, torch.Tensor):
+            rope = self.rope.index_select(0, start_pos)
+            mask = torch.arange(self.params.max_seq_len, device=tokens.device)[None, :] <= start_pos[:, None]
+        else:
+            self.check_bounds(bsz, start_pos, seqlen, use_cache)
+            rope = self.rope[start_pos : start_pos + seqlen]
+            if mask is None:
+                mask = self.causal_mask(seqlen, start_pos if use_cache else 0, tokens.device)
         h = self.tok_embeddings(tokens)
-        rope = self.rope[start_pos : start_pos + seqlen]
-        if mask is None:
-            mask = self.causal_mask(seqlen, start_pos if use_cache else 0, tokens.device)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask, use_cache)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, use_cache: bool = True,
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, *, use_cache: bool = True,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fp32 logits for every position. With the cache, S new tokens attend to the P = start_pos cached ones."""
+        """fp32 logits for every position (see ``hidden_states`` for ``start_pos``)."""
         return self.output(self.hidden_states(tokens, start_pos, use_cache=use_cache, mask=mask)).float()
-
-    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One new token per row at position ``pos`` (a 1-element long tensor): fp32 logits (bsz, vocab).
-
-        Shapes do not depend on the position (the cache is read whole, later positions masked off), so
-        ``torch.compile`` traces it once per batch size and CUDA graphs can replay it. Same numbers as
-        ``forward(tokens, int(pos))[:, -1]`` up to summation order. Bounds are the caller's job here
-        (a Python check on a tensor would force a device sync every step).
-        """
-        h = self.tok_embeddings(tokens)
-        rope = self.rope.index_select(0, pos)
-        # Keys at positions <= pos are visible; the rest of the static cache is masked out.
-        mask = torch.arange(self.params.max_seq_len, device=tokens.device)[None, :] <= pos[:, None]
-        for layer in self.layers:
-            h = layer(h, pos, rope, mask)
-        return self.output(self.norm(h)[:, -1]).float()

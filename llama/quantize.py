@@ -282,7 +282,7 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers except the KV caches and the rope table (what a decode step reads)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for name, b in model.named_buffers():
-        if not name.endswith(("cache_k", "cache_v", "rope")):
+        if not name.endswith(("cache.k", "cache.v", "rope")):
             total += b.numel() * b.element_size()
     return total
 

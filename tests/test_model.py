@@ -47,7 +47,7 @@ def test_meta_geometries_build_on_meta_device(geometry, ffn):
     assert layer.feed_forward.w1.weight.shape == (ffn, args.dim)
     kv = args.n_kv_heads or args.n_heads
     assert layer.attention.wk.weight.shape == (kv * args.dim // args.n_heads, args.dim)
-    assert layer.attention.cache_k.shape == (32, 2048, kv, args.dim // args.n_heads)
+    assert layer.attention.cache.k.shape == (32, 2048, kv, args.dim // args.n_heads)
 
 
 def test_defaults_are_metas():
@@ -103,7 +103,7 @@ def test_no_cache_path_trains():
                                              tokens[:, 1:].flatten())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert all(not layer.attention.cache_k.any() for layer in model.layers)  # the cache was not touched
+    assert all(not c.k.any() for c in model.kv_caches())  # the cache was not touched
 
 
 def test_replaced_local_linear_keeps_the_layer_working():

@@ -29,7 +29,8 @@ def test_int8_linear_within_the_per_channel_bound(rows):
 def test_int8_model_logits_close_to_fp32():
     args = tiny_args(dim=64, n_heads=8, n_kv_heads=4)
     model = random_model(args, seed=4)
-    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    # Seeded (the global RNG depends on which tests ran before) and 128 positions, so the argmax share is stable.
+    tokens = torch.randint(0, args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(tokens, 0, use_cache=False)
         quantize_model(model, "int8")
