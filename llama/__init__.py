@@ -1,8 +1,13 @@
-"""Llama 2 in native PyTorch: Meta's interface, without fairscale, on CPU or CUDA, with any shard count."""
+"""Llama 2 in native PyTorch: Meta's interface, without fairscale, on CPU or CUDA, with any shard count.
+
+The public API (what ``kollama`` and users import): the names below, and the modules ``llama.parallel``,
+``llama.chat_format``, ``llama.checkpoint``, ``llama.quantize``, ``llama.errors`` and ``llama.files``."""
 from llama.chat_format import Dialog, Message
-from llama.generation import ChatPrediction, CompletionPrediction, Llama
-from llama.model import ModelArgs, Transformer
+from llama.generation import ChatPrediction, CompletionPrediction, Llama, TokenBatch, generate_tokens
+from llama.loading import load_model
+from llama.model import KVCache, ModelArgs, Transformer
+from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
 
 __all__ = ["Llama", "Dialog", "Message", "ChatPrediction", "CompletionPrediction", "ModelArgs", "Transformer",
-           "Tokenizer"]
+           "KVCache", "Tokenizer", "Sampler", "TokenBatch", "generate_tokens", "load_model"]

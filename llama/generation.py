@@ -1,38 +1,31 @@
-"""Llama.build and generation, with Meta's signatures and semantics.
+"""``Llama``: Meta's build / generate / text_completion / chat_completion, plus streaming and stop strings, all
+consuming one token loop.
 
 The data path, top to bottom: prompt (str or Dialog) -> token ids (``tokenizer`` / ``chat_format``) -> a right-padded
-batch -> ``Transformer`` (prefill, then one token per step through the KV cache) -> logits -> sampler (temperature,
-top-p; model-parallel rank 0 decides and broadcasts) -> ids -> text.
+``TokenBatch`` -> ``generate_tokens``: the model's one forward (prefill, then one token per step through the KV
+cache) -> ``Sampler`` (``llama.sampling``: temperature, top-p; model-parallel rank 0 decides) -> ids written into the
+batch -> ``TokenBatch.result`` (ids cut at EOS) or text (``llama.streaming``: UTF-8-safe deltas, stop strings).
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import sys
 import time
-from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog_prompt, has_special_tags
-from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.device import select_device
 from llama.errors import UserError
-from llama.files import sha256_file
-from llama.model import ModelArgs, Transformer
-from llama.parallel import (
-    get_model_parallel_group,
-    get_model_parallel_rank,
-    get_model_parallel_src_rank,
-    get_model_parallel_world_size,
-    init_distributed,
-    initialize_model_parallel,
-)
-from llama.tokenizer import IncrementalDecoder, Tokenizer
+from llama.loading import load_model
+from llama.model import Transformer
+from llama.parallel import init_distributed, initialize_model_parallel
+from llama.sampling import Sampler
+from llama.streaming import TextStream, cut_at_stop, normalize_stop
+from llama.tokenizer import Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -47,13 +40,118 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]  # not required
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # CPUs here have no fast bf16 matmul, so fp32 there; bf16 on GPUs that support it, else fp16.
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+# ---------------------------------------------------------------------------------------------------------------
+# The token loop
+# ---------------------------------------------------------------------------------------------------------------
+class TokenBatch:
+    """One batched generation: prompts right-padded into a token buffer of ``total_len`` positions, the
+    log-probability of each token when asked for, and the rows a consumer has stopped (a stop string)."""
+
+    PAD = -1  # never fed to the model: only positions < cur_pos are read, and those are all filled
+
+    def __init__(self, prompt_tokens: List[List[int]], total_len: int, max_gen_len: int, logprobs: bool, device):
+        self.bsz, self.total_len, self.max_gen_len = len(prompt_tokens), total_len, max_gen_len
+        self.lengths = [len(t) for t in prompt_tokens]
+        rows = [t + [self.PAD] * (total_len - len(t)) for t in prompt_tokens]
+        self.tokens = torch.tensor(rows, dtype=torch.long, device=device)[:, :total_len].contiguous()
+        self.prompt_len = torch.tensor(self.lengths, device=device)
+        self.token_logprobs = torch.zeros((self.bsz, total_len), device=device) if logprobs else None
+        self.stopped = torch.zeros(self.bsz, dtype=torch.bool, device=device)
+        self.any_stopped = False
+        self.keep: List[Optional[int]] = [None] * self.bsz  # generated tokens kept by a row ended by a stop string
+
+    @property
+    def logprobs(self) -> bool:
+        return self.token_logprobs is not None
+
+    def stop_row(self, k: int, n_generated: int) -> None:
+        """End row ``k`` after its first ``n_generated`` generated tokens (the consumer found a stop string)."""
+        self.stopped[k] = True
+        self.any_stopped = True
+        self.keep[k] = n_generated
+
+    def result(self, eos_id: int, echo: bool) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Per row the generated ids (with the prompt when ``echo``), cut at the first generated EOS or where a stop
+        string ended the row, and their log-probabilities when asked for."""
+        out_tokens, out_logprobs = [], []
+        all_logprobs = self.token_logprobs.tolist() if self.logprobs else None
+        for i, toks in enumerate(self.tokens.tolist()):
+            n = self.lengths[i]
+            start = 0 if echo else n
+            end = min(n + self.max_gen_len, self.total_len)
+            generated = toks[n:end]
+            # EOS counts only where it was generated: a prompt may contain EOS (finished chat turns).
+            if self.PAD in generated:
+                end = n + generated.index(self.PAD)
+                generated = generated[: generated.index(self.PAD)]
+            if eos_id in generated:
+                end = n + generated.index(eos_id)
+            if self.keep[i] is not None:
+                end = min(end, n + self.keep[i])
+            out_tokens.append(toks[start:end])
+            out_logprobs.append(all_logprobs[i][start:end] if self.logprobs else None)
+        return out_tokens, (out_logprobs if self.logprobs else None)
 
 
+def generate_tokens(model: Transformer, batch: TokenBatch, sample: Callable[[torch.Tensor], torch.Tensor],
+                    eos_id: int, decode_step: Optional[Callable] = None) -> Iterator[int]:
+    """The token loop every way of generating consumes: fill ``batch`` one position at a time and yield each
+    position ``cur_pos`` once ``batch.tokens[:, cur_pos]`` (and its log-probability) is written.
+
+    The first call feeds every position up to the shortest prompt (prefill); each later one feeds what was written
+    since (one token per row, through the KV cache). Rows still inside their prompt keep their prompt token. The
+    consumer may call ``batch.stop_row`` between steps; the loop ends when every row has generated EOS or stopped.
+    Per step: the model call, the sampler and one host sync (the all-done check). ``decode_step(tokens, pos)``, a
+    compiled static-shape step, replaces single-token calls when given and no log-probabilities are asked for."""
+    min_prompt_len, max_prompt_len = min(batch.lengths), max(batch.lengths)
+    tokens, pad = batch.tokens, TokenBatch.PAD
+    if min_prompt_len == batch.total_len:  # nothing to generate: score the prompts (logit[t] scores token[t+1])
+        if batch.logprobs:
+            with torch.inference_mode():
+                logits = model.forward(tokens, 0)
+                batch.token_logprobs[:, 1:] = -F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad)
+        return
+    eos_reached = torch.zeros(batch.bsz, dtype=torch.bool, device=tokens.device)
+    use_step = decode_step is not None and not batch.logprobs
+    positions = torch.arange(batch.total_len, device=tokens.device)
+    prev_pos = 0
+    for cur_pos in range(min_prompt_len, batch.total_len):
+        # No inference_mode around the yield: it would stay switched on in the consumer's code between steps.
+        with torch.inference_mode():
+            if use_step and cur_pos - prev_pos == 1:
+                logits = decode_step(tokens[:, prev_pos:cur_pos], positions[prev_pos:cur_pos])
+            else:
+                h = model.hidden_states(tokens[:, prev_pos:cur_pos], prev_pos)
+                # Only the last position is needed to sample; every position only when log-probs are asked for.
+                logits = model.output(h if batch.logprobs else h[:, -1:]).float()
+                if batch.logprobs:
+                    batch.token_logprobs[:, prev_pos + 1 : cur_pos] = -F.cross_entropy(
+                        logits[:, :-1].transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos], reduction="none",
+                        ignore_index=pad)
+                logits = logits[:, -1]
+            next_token = sample(logits)
+            if cur_pos < max_prompt_len:  # some rows are still reading their prompt: keep those tokens
+                in_prompt = batch.prompt_len > cur_pos
+                next_token = torch.where(in_prompt, tokens[:, cur_pos], next_token)
+                eos_reached |= ~in_prompt & (next_token == eos_id)
+            else:
+                eos_reached |= next_token == eos_id
+            tokens[:, cur_pos] = next_token
+            if batch.logprobs:
+                batch.token_logprobs[:, cur_pos] = -F.cross_entropy(logits, next_token, reduction="none")
+            done = bool(eos_reached.all())  # the one host sync per step
+        prev_pos = cur_pos
+        yield cur_pos
+        if batch.any_stopped:
+            done = bool((eos_reached | batch.stopped).all())
+        if done:
+            break
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Llama: Meta's interface
+# ---------------------------------------------------------------------------------------------------------------
 class Llama:
     @staticmethod
     def build(
@@ -91,29 +189,11 @@ class Llama:
         initialize_model_parallel(model_parallel_size or world)
         if dist.is_initialized() and dist.get_rank() > 0:
             sys.stdout = open(os.devnull, "w")  # Meta's behaviour: only rank 0 prints
-        dtype = dtype or default_dtype(device)
 
         start_time = time.time()
-        checkpoint = open_checkpoint(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path)
-        if tokenizer.n_words != checkpoint.vocab_size:
-            raise CheckpointError(
-                f"the tokenizer {tokenizer_path} has {tokenizer.n_words} pieces but the checkpoint has "
-                f"{checkpoint.vocab_size} embedding rows; pass the tokenizer this model was trained with"
-            )
-        check_saved_tokenizer(ckpt_dir, tokenizer_path)
-        params = {**checkpoint.params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size,
-                  "vocab_size": checkpoint.vocab_size}
-        model_args = ModelArgs(**params)
-        check_kv_cache_fits(model_args, get_model_parallel_world_size(), dtype, device)
-        # Build on the meta device (no memory, no init) and adopt the loaded tensors.
-        model = Transformer(model_args, device="meta", dtype=dtype)
-        state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(),
-                                            get_model_parallel_world_size())
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.init_buffers(device, dtype)
-        model.requires_grad_(False).eval()
+        model = load_model(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, device=device,
+                           dtype=dtype)
         if quantize is not None:
             from llama.quantize import quantize_model
 
@@ -131,14 +211,21 @@ class Llama:
         self._decode_step = None
         if compile:
             # Only the single-token step is compiled: its shapes are static (a tensor start_pos, see
-            # Transformer.hidden_states), so it
-            # is traced once per batch size; prefill stays eager. On CUDA, "reduce-overhead" replays the step as a
-            # CUDA graph, removing the per-kernel launch cost that dominates small-batch decode.
+            # Transformer.hidden_states), so it is traced once per batch size; prefill stays eager. On CUDA,
+            # "reduce-overhead" replays the step as a CUDA graph, removing the per-kernel launch cost that
+            # dominates small-batch decode.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode_step = torch.compile(lambda tokens, pos: model(tokens, pos)[:, -1], mode=mode,
                                               fullgraph=True, dynamic=False)
 
     # -----------------------------------------------------------------------------------------------------------
+    def sampler(self, temperature: float, top_p: float) -> Sampler:
+        return Sampler(temperature, top_p, self.generator)
+
+    def tokens(self, batch: TokenBatch, sample: Sampler) -> Iterator[int]:
+        """``generate_tokens`` over this model and its compiled step."""
+        return generate_tokens(self.model, batch, sample, self.tokenizer.eos_id, self._decode_step)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -151,15 +238,16 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt. Returns the generated ids (with the prompt when ``echo``), cut at the first
         generated EOS, and optionally the log-probability of each returned token given the ones before it."""
-        run = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        for _ in self._steps(run):
+        sample = self.sampler(temperature, top_p)  # checks the settings before any work
+        batch = self.batch(prompt_tokens, max_gen_len, logprobs)
+        for _ in self.tokens(batch, sample):
             pass
-        return self._finish(run, echo)
+        return batch.result(self.tokenizer.eos_id, echo)
 
-    def _start(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs) -> "_Run":
+    def batch(self, prompt_tokens: List[List[int]], max_gen_len: int, logprobs: bool) -> TokenBatch:
+        """The prompts as a TokenBatch, after checking they fit this model's cache."""
         params = self.model.params
-        check_sampling(temperature, top_p)
-        check_token_batch(prompt_tokens, self.model.params.vocab_size)
+        check_token_batch(prompt_tokens, params.vocab_size)
         if not prompt_tokens:
             raise ValueError("no prompts were given; pass at least one")
         bsz = len(prompt_tokens)
@@ -176,88 +264,9 @@ class Llama:
                 f"a prompt of {max(lengths)} tokens does not fit max_seq_len={params.max_seq_len}; "
                 f"shorten the prompt or build with a larger max_seq_len"
             )
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise UserError(f"max_gen_len must be a whole number >= 0, got {max_gen_len!r}")
-        return _Run(prompt_tokens, lengths, min(params.max_seq_len, max_gen_len + max(lengths)), max_gen_len,
-                    temperature, top_p, logprobs, self.device)
-
-    def _steps(self, run: "_Run"):
-        """Decode ``run`` one position at a time, yielding each position after its tokens are written.
-
-        The consumer may set ``run.stopped[k] = True`` (a stop string was found) to end row k early; the loop ends
-        when every row has generated EOS or stopped. Per step this costs the model call, the sampler and one
-        host sync (the all-done check); rows still inside their prompt are only special-cased while there are any.
-        """
-        min_prompt_len, max_prompt_len = min(run.lengths), max(run.lengths)
-        if min_prompt_len == run.total_len:  # nothing to generate: score the prompts (logit[t] scores token[t+1])
-            if run.logprobs:
-                tokens, pad = run.tokens, _Run.PAD
-                with torch.inference_mode():
-                    logits = self.model.forward(tokens, 0)
-                    run.token_logprobs[:, 1:] = -F.cross_entropy(
-                        logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad
-                    )
-            return
-        eos_reached = torch.zeros(run.bsz, dtype=torch.bool, device=self.device)
-        use_step = self._decode_step is not None and not run.logprobs
-        positions = torch.arange(run.total_len, device=self.device)
-        prev_pos = 0
-        for cur_pos in range(min_prompt_len, run.total_len):
-            with torch.inference_mode():
-                done = self._step(run, cur_pos, prev_pos, eos_reached, positions, use_step, max_prompt_len)
-            prev_pos = cur_pos
-            yield cur_pos
-            if run.any_stopped:
-                done = bool((eos_reached | run.stopped).all())
-            if done:
-                break
-
-    def _step(self, run, cur_pos, prev_pos, eos_reached, positions, use_step, max_prompt_len) -> bool:
-        """Feed tokens[prev_pos:cur_pos], sample tokens[:, cur_pos]; True when every row has generated EOS."""
-        tokens, pad, eos = run.tokens, _Run.PAD, self.tokenizer.eos_id
-        if use_step and cur_pos - prev_pos == 1:
-            logits = self._decode_step(tokens[:, prev_pos:cur_pos], positions[prev_pos:cur_pos])
-        else:
-            h = self.model.hidden_states(tokens[:, prev_pos:cur_pos], prev_pos)
-            # Only the last position is needed to sample; every position only when log-probs are asked for.
-            logits = self.model.output(h if run.logprobs else h[:, -1:]).float()
-            if run.logprobs:
-                run.token_logprobs[:, prev_pos + 1 : cur_pos] = -F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos], reduction="none",
-                    ignore_index=pad)
-            logits = logits[:, -1]
-        next_token = self.sample(logits, run.temperature, run.top_p)
-        if cur_pos < max_prompt_len:  # some rows are still reading their prompt: keep those tokens
-            in_prompt = run.prompt_len > cur_pos
-            next_token = torch.where(in_prompt, tokens[:, cur_pos], next_token)
-            eos_reached |= ~in_prompt & (next_token == eos)
-        else:
-            eos_reached |= next_token == eos
-        tokens[:, cur_pos] = next_token
-        if run.logprobs:
-            run.token_logprobs[:, cur_pos] = -F.cross_entropy(logits, next_token, reduction="none")
-        return bool(eos_reached.all())  # the one host sync per step
-
-    def _finish(self, run: "_Run", echo: bool) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        out_tokens, out_logprobs = [], []
-        all_logprobs = run.token_logprobs.tolist() if run.logprobs else None
-        pad, eos = _Run.PAD, self.tokenizer.eos_id
-        for i, toks in enumerate(run.tokens.tolist()):
-            n = run.lengths[i]
-            start = 0 if echo else n
-            end = min(n + run.max_gen_len, run.total_len)
-            generated = toks[n:end]
-            # EOS counts only where it was generated: a prompt may contain EOS (finished chat turns).
-            if pad in generated:
-                end = n + generated.index(pad)
-                generated = generated[: generated.index(pad)]
-            if eos in generated:
-                end = n + generated.index(eos)
-            if run.keep[i] is not None:  # a stop string ended this row
-                end = min(end, n + run.keep[i])
-            out_tokens.append(toks[start:end])
-            out_logprobs.append(all_logprobs[i][start:end] if run.logprobs else None)
-        return out_tokens, (out_logprobs if run.logprobs else None)
+        check_max_gen_len(max_gen_len, allow_zero=True)
+        total_len = min(params.max_seq_len, max_gen_len + max(lengths))
+        return TokenBatch(prompt_tokens, total_len, max_gen_len, logprobs, self.device)
 
     def _generate_until(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop):
         """generate() that also ends each row at its first stop string; returns (tokens, logprobs, texts).
@@ -265,22 +274,23 @@ class Llama:
         ``texts[k]`` is the generated text cut just before the stop string (None without stop strings). The
         tokens of a stopped row end with the token that completed its stop string."""
         stop = normalize_stop(stop)
-        run = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        sample = self.sampler(temperature, top_p)
+        batch = self.batch(prompt_tokens, max_gen_len, logprobs)
         streams = [TextStream(self.tokenizer, stop) for _ in prompt_tokens] if stop else None
-        for cur_pos in self._steps(run):
+        for cur_pos in self.tokens(batch, sample):
             if not streams:
                 continue
-            new = run.tokens[:, cur_pos].tolist()  # one host copy per step, only when there are stop strings
+            new = batch.tokens[:, cur_pos].tolist()  # one host copy per step, only when there are stop strings
             for k, st in enumerate(streams):
-                if st.stopped or st.finished or cur_pos < run.lengths[k]:
+                if st.stopped or st.finished or cur_pos < batch.lengths[k]:
                     continue
                 if new[k] == self.tokenizer.eos_id:
                     st.finished = True
                     continue
                 st.push(new[k])
                 if st.stopped:
-                    run.stop_row(k, cur_pos + 1 - run.lengths[k])
-        tokens, lps = self._finish(run, echo)
+                    batch.stop_row(k, cur_pos + 1 - batch.lengths[k])
+        tokens, lps = batch.result(self.tokenizer.eos_id, echo)
         texts = None
         if stop:
             texts = []
@@ -290,67 +300,6 @@ class Llama:
                 start = len(self.tokenizer.decode(prompt_tokens[k])) if echo else 0
                 texts.append(text[:start] + cut_at_stop(text[start:], stop))
         return tokens, lps, texts
-
-    # -----------------------------------------------------------------------------------------------------------
-    def stream_text(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
-                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
-        """Yield the completion of ``prompt`` as text deltas (whole UTF-8 characters), ending before the first
-        stop string. ``"".join(stream_text(...))`` equals ``text_completion([prompt], ...)[0]["generation"]``."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"stream_text takes one prompt string, got a {type(prompt).__name__}")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        check_max_gen_len(max_gen_len)
-        yield from self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p,
-                                max_gen_len, stop)
-
-    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
-                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
-        """Yield the assistant's reply to ``dialog`` as text deltas; the same text as ``chat_completion``."""
-        check_list_of(dialog, dict, "dialog", "one dialog: a list of {'role', 'content'} messages")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        check_max_gen_len(max_gen_len)
-        if has_special_tags(dialog):
-            yield UNSAFE_ERROR
-            return
-        yield from self._stream(encode_dialog_prompt(self.tokenizer, dialog), temperature, top_p, max_gen_len,
-                                stop)
-
-    def _stream(self, prompt: List[int], temperature, top_p, max_gen_len, stop) -> Iterator[str]:
-        stream = TextStream(self.tokenizer, normalize_stop(stop))
-        # No inference_mode around the yields: it would stay switched on in the consumer's code between deltas.
-        # _steps enters it around each model call instead.
-        run = self._start([prompt], max_gen_len, temperature, top_p, False)
-        steps = self._steps(run)
-        try:
-            for cur_pos in steps:
-                token = int(run.tokens[0, cur_pos])
-                if token == self.tokenizer.eos_id:
-                    break
-                delta = stream.push(token)
-                if delta:
-                    yield delta
-                if stream.stopped:
-                    break
-        finally:
-            steps.close()  # stop decoding now: a consumer that breaks out of the stream costs no more steps
-        rest = stream.flush()
-        if rest:
-            yield rest
-
-    def sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        """One token per row: argmax at temperature 0, else top-p sampling of softmax(logits / temperature).
-        Under model parallelism rank 0 of the group decides and the others receive its tokens."""
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_token = sample_top_p(probs, top_p, self.generator)
-        else:
-            next_token = torch.argmax(logits, dim=-1)
-        next_token = next_token.reshape(-1)
-        if get_model_parallel_world_size() > 1:
-            dist.broadcast(next_token, src=get_model_parallel_src_rank(), group=get_model_parallel_group())
-        return next_token
 
     # -----------------------------------------------------------------------------------------------------------
     def text_completion(
@@ -420,20 +369,56 @@ class Llama:
             results.append(result)
         return results
 
+    def stream_text(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
+        """Yield the completion of ``prompt`` as text deltas (whole UTF-8 characters), ending before the first
+        stop string. ``"".join(stream_text(...))`` equals ``text_completion([prompt], ...)[0]["generation"]``."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream_text takes one prompt string, got a {type(prompt).__name__}")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        check_max_gen_len(max_gen_len)
+        yield from self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p,
+                                max_gen_len, stop)
 
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> Iterator[str]:
+        """Yield the assistant's reply to ``dialog`` as text deltas; the same text as ``chat_completion``."""
+        check_list_of(dialog, dict, "dialog", "one dialog: a list of {'role', 'content'} messages")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        check_max_gen_len(max_gen_len)
+        if has_special_tags(dialog):
+            yield UNSAFE_ERROR
+            return
+        yield from self._stream(encode_dialog_prompt(self.tokenizer, dialog), temperature, top_p, max_gen_len,
+                                stop)
+
+    def _stream(self, prompt: List[int], temperature, top_p, max_gen_len, stop) -> Iterator[str]:
+        stream = TextStream(self.tokenizer, normalize_stop(stop))
+        sample = self.sampler(temperature, top_p)
+        batch = self.batch([prompt], max_gen_len, False)
+        steps = self.tokens(batch, sample)
+        try:
+            for cur_pos in steps:
+                token = int(batch.tokens[0, cur_pos])
+                if token == self.tokenizer.eos_id:
+                    break
+                delta = stream.push(token)
+                if delta:
+                    yield delta
+                if stream.stopped:
+                    break
+        finally:
+            steps.close()  # stop decoding now: a consumer that breaks out of the stream costs no more steps
+        rest = stream.flush()
+        if rest:
+            yield rest
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    """temperature: a finite number >= 0 (0 = greedy). top_p: in [0, 1] when sampling (0 keeps only the most
-    likely token, as in Meta's sample_top_p); ignored at temperature 0, as Meta's code does."""
-    if not _is_number(temperature) or not 0 <= temperature < math.inf:
-        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if temperature > 0 and (not _is_number(top_p) or not 0 <= top_p <= 1):
-        raise UserError(f"top_p must be a number in [0, 1], got {top_p!r}")
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------------------
 def check_max_gen_len(max_gen_len, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < low:
@@ -458,144 +443,3 @@ def check_token_batch(prompt_tokens, vocab_size: int) -> None:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise UserError(f"prompt_tokens[{i}] holds {t!r}, not a token id of this model's vocabulary "
                                 f"(0..{vocab_size - 1}); encode text with this model's tokenizer")
-
-
-def check_saved_tokenizer(ckpt_dir, tokenizer_path) -> None:
-    """A checkpoint folder that carries its own SentencePiece model (the converters and the trainer copy it there)
-    must be paired with it: a tokenizer of the same size but other pieces would load and silently give nonsense."""
-    saved = sorted(Path(ckpt_dir).glob("*.model")) if Path(ckpt_dir).is_dir() else []
-    if not saved or sha256_file(tokenizer_path) in {sha256_file(p) for p in saved}:
-        return
-    raise CheckpointError(f"the tokenizer {tokenizer_path} differs from {', '.join(map(str, saved))}, saved with this "
-                          f"checkpoint (same size, other pieces); pass --tokenizer_path {saved[0]}")
-
-
-def check_kv_cache_fits(args: ModelArgs, model_parallel_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """The KV cache (max_batch_size x max_seq_len per layer, this rank's kv heads) is allocated up front; say so
-    when it cannot fit, instead of failing inside the allocator."""
-    n_kv = (args.n_kv_heads or args.n_heads) // model_parallel_size
-    nbytes = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_kv * (args.dim // args.n_heads)
-              * torch.empty((), dtype=dtype).element_size())
-    free = available_memory(device)
-    if free is not None and nbytes > free:
-        raise UserError(f"the KV cache needs {nbytes / 2**30:.1f} GiB (max_seq_len {args.max_seq_len} x "
-                        f"max_batch_size {args.max_batch_size} x {args.n_layers} layers) but {device} has "
-                        f"{free / 2**30:.1f} GiB free; build with a smaller max_seq_len or max_batch_size")
-
-
-def available_memory(device: torch.device) -> Optional[int]:
-    """Free bytes on ``device`` (None where unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose mass reaches p: a token is dropped when the
-    mass of the tokens ranked before it already exceeds p."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort = probs_sort.masked_fill(mask, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding state and stop strings
-# ---------------------------------------------------------------------------------------------------------------
-class _Run:
-    """The state of one batched generation: a right-padded token buffer and which rows are finished."""
-
-    PAD = -1  # never fed to the model: only positions < cur_pos are read, and those are all filled
-
-    def __init__(self, prompt_tokens, lengths, total_len, max_gen_len, temperature, top_p, logprobs, device):
-        self.bsz, self.lengths, self.total_len, self.max_gen_len = len(prompt_tokens), lengths, total_len, max_gen_len
-        self.temperature, self.top_p, self.logprobs = temperature, top_p, logprobs
-        rows = [t + [self.PAD] * (total_len - len(t)) for t in prompt_tokens]
-        self.tokens = torch.tensor(rows, dtype=torch.long, device=device)[:, :total_len].contiguous()
-        self.prompt_len = torch.tensor(lengths, device=device)
-        self.token_logprobs = torch.zeros((self.bsz, total_len), device=device) if logprobs else None
-        self.stopped = torch.zeros(self.bsz, dtype=torch.bool, device=device)
-        self.any_stopped = False
-        self.keep: List[Optional[int]] = [None] * self.bsz  # generated tokens kept by a row ended by a stop string
-
-    def stop_row(self, k: int, n_generated: int) -> None:
-        self.stopped[k] = True
-        self.any_stopped = True
-        self.keep[k] = n_generated
-
-
-def normalize_stop(stop: Union[None, str, Sequence[str]]) -> List[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = list(stop)
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-    return stop
-
-
-def first_stop(text: str, stop: Sequence[str]) -> Optional[int]:
-    """Start of the stop string that completes first in ``text`` (earliest end; on a tie, the longer one)."""
-    best = None
-    for s in stop:
-        i = text.find(s)
-        if i >= 0 and (best is None or (i + len(s), i) < (best[0], best[1])):
-            best = (i + len(s), i)
-    return None if best is None else best[1]
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) its first stop string; the whole text when there is none."""
-    i = first_stop(text, stop)
-    return text if i is None else text[:i]
-
-
-class TextStream:
-    """Token ids in, text deltas out: UTF-8-safe (``IncrementalDecoder``) and cut before the first stop string.
-
-    Text that might be the start of a stop string is held back until it is known not to be, so the deltas never
-    contain any part of a stop string and their concatenation is ``cut_at_stop(decode(ids), stop)``. Only the held
-    text and the new delta are searched, so each step costs O(new text + stop lengths), not O(text so far).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stop = list(stop)
-        self.held = ""
-        self.stopped = False  # a stop string was found: nothing more will be emitted
-        self.finished = False  # EOS was generated (set by the caller)
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        return self._emit(self.decoder.push([token_id]), final=False)
-
-    def flush(self) -> str:
-        if self.stopped:
-            return ""
-        return self._emit(self.decoder.flush(), final=True)
-
-    def _emit(self, delta: str, final: bool) -> str:
-        if not self.stop:
-            return delta
-        # A stop string cannot start in text already emitted: any suffix of it that begins a stop string is held.
-        buf = self.held + delta
-        i = first_stop(buf, self.stop)
-        if i is not None:
-            self.stopped, self.held = True, ""
-            return buf[:i]
-        keep = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if buf.endswith(s[:k])),
-                                   default=0)
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep]

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from helpers import random_model, tiny_args
-from llama.generation import Llama, sample_top_p
+from llama.generation import Llama
+from llama.sampling import sample_top_p
 
 
 class IdTokenizer:

@@ -114,7 +114,7 @@ def test_echo_with_max_gen_len_zero_scores_the_prompt(setup):
 
 
 def test_kv_cache_too_large_is_named_up_front(setup, monkeypatch):
-    import llama.generation as G
+    import llama.loading as G
 
     monkeypatch.setattr(G, "available_memory", lambda device: 10 * 2**20)  # 10 MiB free
     with pytest.raises(ValueError, match=r"the KV cache needs 0.1 GiB \(max_seq_len 4096 x max_batch_size 64 x 2 "

@@ -8,7 +8,7 @@ import torch
 from conftest import need
 from helpers import random_model, save_meta, tiny_args, train_tiny_tokenizer
 from llama import Llama
-from llama.generation import TextStream, cut_at_stop, first_stop
+from llama.streaming import TextStream, cut_at_stop, first_stop
 from llama.tokenizer import IncrementalDecoder, Tokenizer
 
 KOREAN = "안녕하세요, 세계! 한국어 텍스트를 스트리밍합니다. 뷁 똠방각하 🎉 and English  too\n끝."
@@ -126,8 +126,13 @@ def test_stop_strings_cut_batched_and_streamed_alike(tiny):
 
 def test_stop_ends_generation_early(tiny):
     steps = []
-    orig = tiny.sample
-    tiny.sample = lambda *a: steps.append(1) or orig(*a)
+    orig = tiny.sampler
+
+    def counting_sampler(*a):  # counts the sampled steps
+        sample = orig(*a)
+        return lambda logits: steps.append(1) or sample(logits)
+
+    tiny.sampler = counting_sampler
     try:
         (free,) = tiny.text_completion(["Once upon a time"], temperature=0, max_gen_len=40)
         n_free = len(steps)
@@ -135,7 +140,7 @@ def test_stop_ends_generation_early(tiny):
         first = free["generation"][:3]
         (cut,) = tiny.text_completion(["Once upon a time"], temperature=0, max_gen_len=40, stop=[first])
     finally:
-        tiny.sample = orig
+        tiny.sampler = orig
     assert cut["generation"] == "" and len(steps) < n_free
 
 

@@ -1,0 +1,83 @@
+"""Checkpoint to model: this process's shard of any checkpoint (Meta, HF, safetensors; any shard count), on its
+device and dtype, with the KV cache allocated -- after the checks that would otherwise fail late or silently."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama.checkpoint import CheckpointError, open_checkpoint
+from llama.errors import UserError
+from llama.files import sha256_file
+from llama.model import ModelArgs, Transformer
+from llama.parallel import get_model_parallel_rank, get_model_parallel_world_size
+from llama.tokenizer import Tokenizer
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # CPUs here have no fast bf16 matmul, so fp32 there; bf16 on GPUs that support it, else fp16.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int, max_batch_size: int, *,
+               device: torch.device, dtype: Optional[torch.dtype] = None) -> Transformer:
+    """This model-parallel rank's shard of ``ckpt_dir`` as an eval-mode Transformer without gradients.
+    Built on the meta device (no memory, no init), then it adopts the loaded tensors."""
+    dtype = dtype or default_dtype(device)
+    checkpoint = open_checkpoint(ckpt_dir)
+    if tokenizer.n_words != checkpoint.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer {tokenizer_path} has {tokenizer.n_words} pieces but the checkpoint has "
+            f"{checkpoint.vocab_size} embedding rows; pass the tokenizer this model was trained with"
+        )
+    check_saved_tokenizer(ckpt_dir, tokenizer_path)
+    params = {**checkpoint.params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size,
+              "vocab_size": checkpoint.vocab_size}
+    model_args = ModelArgs(**params)
+    check_kv_cache_fits(model_args, get_model_parallel_world_size(), dtype, device)
+    model = Transformer(model_args, device="meta", dtype=dtype)
+    state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(), get_model_parallel_world_size())
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device, dtype)
+    return model.requires_grad_(False).eval()
+
+
+def check_saved_tokenizer(ckpt_dir, tokenizer_path) -> None:
+    """A checkpoint folder that carries its own SentencePiece model (the converters and the trainer copy it there)
+    must be paired with it: a tokenizer of the same size but other pieces would load and silently give nonsense."""
+    saved = sorted(Path(ckpt_dir).glob("*.model")) if Path(ckpt_dir).is_dir() else []
+    if not saved or sha256_file(tokenizer_path) in {sha256_file(p) for p in saved}:
+        return
+    raise CheckpointError(f"the tokenizer {tokenizer_path} differs from {', '.join(map(str, saved))}, saved with this "
+                          f"checkpoint (same size, other pieces); pass --tokenizer_path {saved[0]}")
+
+
+def check_kv_cache_fits(args: ModelArgs, model_parallel_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The KV cache (max_batch_size x max_seq_len per layer, this rank's kv heads) is allocated up front; say so
+    when it cannot fit, instead of failing inside the allocator."""
+    n_kv = (args.n_kv_heads or args.n_heads) // model_parallel_size
+    nbytes = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_kv * (args.dim // args.n_heads)
+              * torch.empty((), dtype=dtype).element_size())
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise UserError(f"the KV cache needs {nbytes / 2**30:.1f} GiB (max_seq_len {args.max_seq_len} x "
+                        f"max_batch_size {args.max_batch_size} x {args.n_layers} layers) but {device} has "
+                        f"{free / 2**30:.1f} GiB free; build with a smaller max_seq_len or max_batch_size")
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on ``device`` (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
