@@ -37,7 +37,7 @@ MUTANTS = [
      "max(1, D.count_targets(rows[i:i + cfg.micro_batch_size])))"),
     ("schedule stepped before the optimizer", RECIPE, "lr = cfg.lr * self.lr_factor(self.step)",
      "lr = cfg.lr * self.lr_factor(self.step + 1)"),
-    ("AdamW betas (0.8, 0.99)", OPTIM, "lr=lr, foreach=", "lr=lr, betas=(0.8, 0.99), foreach="),
+    ("AdamW betas 0.8/0.99", OPTIM, "lr=lr, foreach=", "lr=lr, betas=(0.8, 0.99), foreach="),
     ("weight decay on norm weights", OPTIM, "return p.ndim >= 2 and not getattr(p, \"no_weight_decay\", False)",
      "return not getattr(p, \"no_weight_decay\", False)"),
     ("no weight decay at all", OPTIM, "\"weight_decay\": weight_decay}", "\"weight_decay\": 0.0}"),
