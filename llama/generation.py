@@ -167,6 +167,8 @@ class Llama:
         quantize: Optional[str] = None,
         compile: bool = False,
         num_threads: Optional[int] = None,
+        draft: Optional[str] = None,
+        speculate_k: int = 4,
     ) -> "Llama":
         """Load a checkpoint (any shard count) onto this process's model-parallel rank and return a generator.
 
@@ -176,6 +178,10 @@ class Llama:
         ``compile``: torch.compile the single-token decode step (CUDA graphs on GPUs); same outputs as eager.
         ``num_threads``: calls ``torch.set_num_threads`` (process-wide) only when given; by default PyTorch's own
         choice (one thread per physical core, or OMP_NUM_THREADS) is left alone.
+        ``draft``: speculative decoding (``llama.speculative``) for one prompt at a time: "int8" (or "int4") drafts
+        with a quantized copy of this model, a checkpoint folder with a smaller model of the same tokenizer;
+        ``speculate_k`` tokens are proposed per round. Greedy output is unchanged; sampled output has the same
+        distribution.
         """
         if num_threads is not None:
             if num_threads < 1:
@@ -198,12 +204,19 @@ class Llama:
             from llama.quantize import quantize_model
 
             quantize_model(model, quantize)
-        print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, compile=compile)
+        draft_model = None
+        if draft is not None:
+            from llama.speculative import load_draft
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
+            draft_model = load_draft(draft, model, tokenizer, tokenizer_path, max_seq_len, device)
+        print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        return Llama(model, tokenizer, seed=seed, compile=compile, draft=draft_model, speculate_k=speculate_k)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
+                 draft: Optional[Transformer] = None, speculate_k: int = 4):
         self.model = model
         self.tokenizer = tokenizer
+        self.draft, self.speculate_k = draft, speculate_k
         # A private generator: sampling never touches torch's global RNG.
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device)
@@ -223,7 +236,12 @@ class Llama:
         return Sampler(temperature, top_p, self.generator)
 
     def tokens(self, batch: TokenBatch, sample: Sampler) -> Iterator[int]:
-        """``generate_tokens`` over this model and its compiled step."""
+        """The token loop for ``batch``: speculative with a draft model (one row, no log-probabilities), else
+        ``generate_tokens`` over this model and its compiled step."""
+        if self.draft is not None and batch.bsz == 1 and not batch.logprobs:
+            from llama.speculative import speculative_tokens
+
+            return speculative_tokens(self.model, self.draft, batch, sample, self.tokenizer.eos_id, self.speculate_k)
         return generate_tokens(self.model, batch, sample, self.tokenizer.eos_id, self._decode_step)
 
     @torch.inference_mode()

@@ -38,6 +38,13 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
+def top_p_distribution(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The distribution ``sample_top_p`` draws from, in vocabulary order: the same tokens dropped, renormalised."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    kept = probs_sort.masked_fill(torch.cumsum(probs_sort, dim=-1) - probs_sort > p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, probs_idx, kept / kept.sum(dim=-1, keepdim=True))
+
+
 class Sampler:
     """Picks one token per row. Under model parallelism rank 0 of the group decides and the others receive its
     tokens, so every rank continues with the same ids whatever rounding its own logits had."""
@@ -45,6 +52,10 @@ class Sampler:
     def __init__(self, temperature: float = 0.6, top_p: float = 0.9, generator: Optional[torch.Generator] = None):
         check_sampling(temperature, top_p)
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """What ``__call__`` draws from at temperature > 0 (rows of probabilities over the vocabulary)."""
+        return top_p_distribution(torch.softmax(logits / self.temperature, dim=-1), self.top_p)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature > 0:
