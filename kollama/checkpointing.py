@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 
 from kollama.distributed import local
 from llama.errors import UserError
-from llama.files import atomic_write, atomic_write_bytes, fsync_dir, fsync_file, sha256_file, write_json
+from llama.files import (atomic_write, atomic_write_bytes, fsync_dir, fsync_file, replace_folder, sha256_file,
+                         write_json)
 from llama.checkpoint import write_checkpoint
 from llama.parallel import (get_model_parallel_group, get_model_parallel_rank, get_model_parallel_src_rank,
                             get_model_parallel_world_size)
@@ -316,21 +317,7 @@ def _manifest(step: int, files: dict, config: dict, extra_state: dict) -> dict:
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` to ``final``; an existing ``final`` (the same step saved again) is replaced only
     now, and put back if the rename fails."""
-    fsync_dir(tmp)
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)  # left by a crash in this very window earlier
-        final.rename(old)
-        try:
-            tmp.rename(final)
-        except BaseException:
-            old.rename(final)
-            raise
-        fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    fsync_dir(final.parent)
+    replace_folder(tmp, final)
 
 
 def _remove_leftovers(root: Path) -> None:

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama.errors import UserError
-from llama.files import fsync_dir, fsync_file
+from llama.files import fsync_file, replace_folder
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
 
@@ -426,19 +426,7 @@ def commit_folder(tmp: Path, dst: Path) -> None:
     place, and put back if the swap is interrupted."""
     for path in tmp.iterdir():
         fsync_file(path)
-    fsync_dir(tmp)
-    old = _staging_name(dst, "old") if os.path.lexists(dst) else None
-    try:
-        if old is not None:
-            os.rename(dst, old)
-        os.rename(tmp, dst)
-    except BaseException:  # e.g. Ctrl-C between the two renames: DST must not stay missing
-        if old is not None and os.path.lexists(old) and not os.path.lexists(dst):
-            os.rename(old, dst)
-        raise
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    replace_folder(tmp, dst, _staging_name(dst, "old"))
 
 
 @contextlib.contextmanager

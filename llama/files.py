@@ -11,8 +11,9 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 TMP_MARK = ".tmp-"  # temporary siblings are named .NAME.tmp-PID (files) or .NAME.tmp-XXXX (folders)
@@ -90,6 +91,29 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 def write_json(path: PathLike, obj) -> Path:
     """Atomic, durable JSON file (UTF-8, indented, non-JSON values as str)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def replace_folder(tmp: PathLike, dst: PathLike, old: Optional[PathLike] = None) -> None:
+    """Rename the complete folder ``tmp`` to ``dst`` durably. An existing ``dst`` is first renamed aside to ``old``
+    (default ``.DST.old-PID``) and deleted only once the new one is in place; if the swap is interrupted (an error,
+    Ctrl-C between the two renames) it is put back, so ``dst`` is never missing."""
+    tmp, dst = Path(tmp), Path(dst)
+    fsync_dir(tmp)
+    if os.path.lexists(dst):
+        old = Path(old) if old is not None else dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    else:
+        old = None
+    try:
+        if old is not None:
+            os.rename(dst, old)
+        os.rename(tmp, dst)
+    except BaseException:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(dst):
+            os.rename(old, dst)
+        raise
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def check_writable(path: PathLike, flag: str) -> None:
