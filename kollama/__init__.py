@@ -1,3 +1,2 @@
 """KoLlama2's Korean adaptation toolkit on top of ``llama``: LoRA / QLoRA / full fine-tuning, Korean data,
 vocabulary expansion, continued pretraining, curriculum learning and evaluation."""
-from kollama import nf4  # noqa: F401  registers quantize="nf4" with llama.quantize

@@ -12,7 +12,7 @@ from typing import Optional
 
 from llama import Llama
 from llama.quantize import quantize_model
-from kollama import nf4  # noqa: F401  registers quantize="nf4"
+from kollama import nf4
 from kollama.adapter import apply_adapter
 
 
@@ -22,6 +22,8 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
     """``Llama.build`` plus ``lora_path`` (a folder written by ``kollama.lora.save_adapter`` or the trainer's
     ``adapter/``) and ``quantize`` in "int8", "int4" or "nf4". ``allow_base_mismatch`` turns an adapter recorded
     for another base model or tokenizer from an error into a warning. Other keywords go to ``Llama.build``."""
+    if quantize == "nf4":
+        nf4.register()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
                         quantize=None if lora_path else quantize, **build_kwargs)
     if lora_path:

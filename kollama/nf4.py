@@ -245,5 +245,7 @@ def bits_per_parameter(module: Union[NF4Linear, nn.Module]) -> float:
     return n_bits / n_params
 
 
-# `Llama.build(..., quantize="nf4")` for inference in 4 bits: llama never imports kollama, so NF4 registers itself.
-register_quantizer("nf4", NF4Linear.from_weight)
+def register() -> None:
+    """Make ``Llama.build(..., quantize="nf4")`` (and ``llama.quantize.quantize_model(model, "nf4")``) quantize to
+    NF4: llama never imports kollama, so kollama adds the format through llama's documented hook."""
+    register_quantizer("nf4", NF4Linear.from_weight)

@@ -238,13 +238,13 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
 
 
-# name -> factory(weight) returning a local linear module. Other packages add formats without llama importing
-# them: kollama.nf4 registers "nf4" when imported.
-QUANTIZERS: Dict[str, Callable[..., nn.Module]] = {}
+# name -> factory(weight) returning a local linear module. Other packages add formats through register_quantizer,
+# called explicitly (kollama.nf4.register() adds "nf4"), never as a side effect of importing a module.
+QUANTIZERS: Dict[str, Callable[..., nn.Module]] = {"int8": Int8Linear.from_weight, "int4": Int4Linear.from_weight}
 
 
 def register_quantizer(name: str, from_weight: Callable[..., nn.Module]) -> None:
-    """Make ``quantize=name`` build each local linear with ``from_weight(weight)``."""
+    """The hook for other packages: make ``quantize=name`` build each local linear with ``from_weight(weight)``."""
     QUANTIZERS[name] = from_weight
 
 
@@ -252,7 +252,7 @@ def quantize_model(model: nn.Module, mode: Union[str, Callable[..., nn.Module]],
                    group_size: int = 128) -> nn.Module:
     """Replace every ParallelLinear's local product by a quantized one, in place, one layer at a time (so the
     dense weights are freed as we go). Call after loading this rank's shard. ``mode`` is a registered name
-    ("int8", "int4", "nf4" once kollama.nf4 is imported) or a factory ``weight -> module``.
+    ("int8", "int4", "nf4" once kollama.nf4.register() ran) or a factory ``weight -> module``.
     ``include_output=False`` keeps the classifier dense (it is the largest single matrix, and the most sensitive)."""
     from llama.parallel import ParallelLinear  # local: llama.parallel imports nothing from here
 
@@ -263,8 +263,8 @@ def quantize_model(model: nn.Module, mode: Union[str, Callable[..., nn.Module]],
         if mode == "int4":
             factory = functools.partial(factory, group_size=group_size)
     elif mode == "nf4":
-        raise ValueError("quantize='nf4' is provided by kollama: `import kollama` first (it registers 'nf4'), "
-                         "or pass quantize=kollama.nf4.NF4Linear.from_weight")
+        raise ValueError("quantize='nf4' is provided by kollama: use kollama.inference.build(..., quantize='nf4'), "
+                         "or call kollama.nf4.register() once (or pass quantize=kollama.nf4.NF4Linear.from_weight)")
     else:
         raise ValueError(f"unknown quantize mode {mode!r}; choose one of {sorted(QUANTIZERS)} (or None)")
     for name, layer in model.named_modules():
@@ -286,8 +286,5 @@ def quantized_bytes(model: nn.Module) -> int:
             total += b.numel() * b.element_size()
     return total
 
-
-register_quantizer("int8", Int8Linear.from_weight)
-register_quantizer("int4", Int4Linear.from_weight)
 
 __all__ = ["Int8Linear", "Int4Linear", "quantize_model", "quantized_bytes", "register_quantizer", "QUANTIZERS"]

@@ -61,7 +61,7 @@ def dequantized_copy(model):
 
 
 def test_nf4_inference_equals_dense_dequantized_weights(setup):
-    llama = Llama.build(setup["ckpt"], setup["tok"], 32, 2, device="cpu", quantize="nf4")
+    llama = build(setup["ckpt"], setup["tok"], 32, 2, device="cpu", quantize="nf4")
     assert isinstance(llama.model.layers[0].attention.wq.local_linear, NF4Linear)
     reference = dequantized_copy(random_model(ARGS, seed=4))
     with torch.no_grad():

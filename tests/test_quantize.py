@@ -87,7 +87,7 @@ def test_unsupported_modes_raise_clear_errors(monkeypatch):
 
     model = random_model(tiny_args())
     monkeypatch.delitem(QUANTIZERS, "nf4", raising=False)  # as in a process that never imported kollama
-    with pytest.raises(ValueError, match="'nf4' is provided by kollama: `import kollama` first"):
+    with pytest.raises(ValueError, match="'nf4' is provided by kollama: use kollama.inference.build"):
         quantize_model(model, "nf4")
     with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
         quantize_model(model, "int3")

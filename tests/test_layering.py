@@ -1,0 +1,45 @@
+"""The package boundary (docs/ARCHITECTURE.md): llama never imports kollama; kollama imports only llama's public
+names (no leading underscore); importing any module changes no global state (default dtype, thread count,
+llama's quantizer registry)."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imports(package: str):
+    """(file, imported module, names) for every import anywhere in ``package`` (also inside functions)."""
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                yield path, node.module, [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    yield path, a.name, []
+
+
+def test_llama_never_imports_kollama():
+    bad = [(str(p.relative_to(ROOT)), m) for p, m, _ in imports("llama") if m.split(".")[0] == "kollama"]
+    assert bad == []
+
+
+def test_kollama_uses_only_public_llama_names():
+    bad = [(str(p.relative_to(ROOT)), m, n) for p, m, names in imports("kollama") if m.split(".")[0] == "llama"
+           for n in names if n.startswith("_")]
+    bad += [(str(p.relative_to(ROOT)), m) for p, m, _ in imports("kollama")
+            if m.split(".")[0] == "llama" and any(part.startswith("_") for part in m.split("."))]
+    assert bad == []
+
+
+def test_imports_change_no_global_state():
+    modules = sorted({".".join(p.relative_to(ROOT).with_suffix("").parts) for pkg in ("llama", "kollama")
+                      for p in (ROOT / pkg).rglob("*.py") if p.name != "__main__.py"})
+    code = ("import torch, importlib; t, d = torch.get_num_threads(), torch.get_default_dtype(); "
+            "from llama.quantize import QUANTIZERS; before = sorted(QUANTIZERS); "
+            f"[importlib.import_module(m) for m in {modules!r}]; "
+            "assert (torch.get_num_threads(), torch.get_default_dtype()) == (t, d), 'torch settings changed'; "
+            "assert sorted(QUANTIZERS) == before == ['int4', 'int8'], sorted(QUANTIZERS)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
