@@ -24,7 +24,6 @@ fp32 on CPU, like ``Llama.build``'s) and the same model-parallel size (NF4 block
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn

@@ -15,7 +15,7 @@
   first 256 values.
 
 Why it is format-independent: the sample is defined on the global Meta tensor and located through the checkpoint
-object (``llama.checkpoint.open_checkpoint``: its shards, shapes and, for HF, Meta name -> HF name -> file): a
+object (``llama.loading.open_checkpoint``: its shards, shapes and, for HF, Meta name -> HF name -> file): a
 Meta folder's block may sit in one shard or straddle two (any shard count, .pth or .safetensors), and an HF
 folder's q/k rows are stored in transformers' rotary order and are mapped back with ``llama.hf.permute_to_meta``
 applied to the row indices. Values are compared as float32, so a bf16 or fp16 model and its fp32 copy hash alike; but the bf16 and
@@ -50,10 +50,11 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from llama.checkpoint import MetaCheckpoint, global_shape, open_checkpoint
+from llama.checkpoint import MetaCheckpoint, global_shape
 from llama.errors import UserError
 from llama.files import sha256_file
 from llama.hf import permute_to_meta, rotary_heads
+from llama.loading import open_checkpoint
 from llama.model import ModelArgs
 from llama.parallel import shard_dim_of
 

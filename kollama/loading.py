@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from kollama import qlora as Q
-from llama.checkpoint import CheckpointError, open_checkpoint
+from llama.checkpoint import CheckpointError
+from llama.loading import open_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.parallel import get_model_parallel_group, get_model_parallel_rank, get_model_parallel_world_size
 

@@ -543,21 +543,7 @@ class MetaCheckpoint:
         return load_local_state_dict(self.ckpt_dir, expected, rank, world_size, self.readers)
 
 
-def open_checkpoint(ckpt_dir):
-    """Open a checkpoint folder, whatever its layout: Meta (params.json / consolidated.NN.*) -> MetaCheckpoint,
-    Hugging Face (config.json + model.safetensors or its index) -> ``llama.hf.HFCheckpoint``."""
-    path = Path(ckpt_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist; pass --ckpt_dir of a model folder")
-    names = sorted(p.name for p in path.iterdir())
-    if PARAMS_FILE in names or any(_SHARD_RE.match(n) for n in names):
-        return MetaCheckpoint(path)
-    if "config.json" in names:
-        from llama.hf import HFCheckpoint  # imported here: llama.hf builds on this module
-
-        return HFCheckpoint(path)
-    raise CheckpointError(
-        f"{path} is not a checkpoint folder: found {names[:10]}{'...' if len(names) > 10 else ''}; expected "
-        f"params.json with consolidated.NN.pth/.safetensors (Meta) or config.json with model.safetensors or "
-        f"model.safetensors.index.json (Hugging Face)"
-    )
+def is_meta_folder(path) -> bool:
+    """A folder in Meta's layout: params.json and/or consolidated.NN.pth / .safetensors shards."""
+    names = [p.name for p in Path(path).iterdir()]
+    return PARAMS_FILE in names or any(_SHARD_RE.match(n) for n in names)

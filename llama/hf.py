@@ -37,8 +37,7 @@ from llama.checkpoint import (
     staged_folder,
     write_checkpoint,
 )
-from llama.model import ffn_params_for
-from llama.model import ModelArgs
+from llama.model import ModelArgs, ffn_params_for
 from llama.parallel import shard_dim_of
 
 CONFIG_FILE = "config.json"

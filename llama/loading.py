@@ -7,9 +7,10 @@ from typing import Optional
 
 import torch
 
-from llama.checkpoint import CheckpointError, open_checkpoint
+from llama.checkpoint import CheckpointError, MetaCheckpoint, is_meta_folder
 from llama.errors import UserError
 from llama.files import sha256_file
+from llama.hf import HFCheckpoint, is_hf_folder
 from llama.model import ModelArgs, Transformer
 from llama.parallel import get_model_parallel_rank, get_model_parallel_world_size
 from llama.tokenizer import Tokenizer
@@ -20,6 +21,24 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def open_checkpoint(ckpt_dir):
+    """Open a checkpoint folder, whatever its layout: Meta (params.json / consolidated.NN.*) -> MetaCheckpoint,
+    Hugging Face (config.json + model.safetensors or its index) -> ``HFCheckpoint`` (llama/hf.py)."""
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist; pass --ckpt_dir of a model folder")
+    if is_meta_folder(path):
+        return MetaCheckpoint(path)
+    if is_hf_folder(path):
+        return HFCheckpoint(path)
+    names = sorted(p.name for p in path.iterdir())
+    raise CheckpointError(
+        f"{path} is not a checkpoint folder: found {names[:10]}{'...' if len(names) > 10 else ''}; expected "
+        f"params.json with consolidated.NN.pth/.safetensors (Meta) or config.json with model.safetensors or "
+        f"model.safetensors.index.json (Hugging Face)"
+    )
 
 
 def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int, max_batch_size: int, *,

@@ -18,7 +18,8 @@ import torch
 
 import llama.checkpoint
 from llama import convert
-from llama.checkpoint import CheckpointError, open_checkpoint, read_params, reshard, write_checkpoint
+from llama.checkpoint import CheckpointError, read_params, reshard, write_checkpoint
+from llama.loading import open_checkpoint
 from llama.hf import hf_to_meta, meta_to_hf
 from llama.llama2c import write_llama2c
 from tests.helpers import params_of, random_model, save_meta, tiny_args

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from helpers import free_port, short_lines, tiny_training_base
 from kollama import train as T
 from kollama.fsdp import FSDPError
-from llama.checkpoint import open_checkpoint, read_slice
+from llama.checkpoint import read_slice
+from llama.loading import open_checkpoint
 from train_workers import train_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,8 @@ from conftest import need
 from helpers import (ENGLISH, free_port, hf_model, hf_state_dict, random_model, save_meta, tiny_args,
                      train_tiny_tokenizer)
 from llama import Llama
-from llama.checkpoint import CheckpointError, open_checkpoint, open_shards, read_params, read_slice, split_tensor
+from llama.checkpoint import CheckpointError, open_shards, read_params, read_slice, split_tensor
+from llama.loading import open_checkpoint
 from llama.convert import llama2c
 from llama.hf import HFCheckpoint, hf_to_meta, meta_to_hf
 from llama.model import ModelArgs

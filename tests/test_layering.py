@@ -43,3 +43,33 @@ def test_imports_change_no_global_state():
             "assert sorted(QUANTIZERS) == before == ['int4', 'int8'], sorted(QUANTIZERS)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_no_import_cycles_inside_llama():
+    """Module-level and function-level imports alike: llama's modules form a DAG (``from llama import x`` of a
+    submodule counts as an import of that submodule, not of the package)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "llama").rglob("*.py")}
+    graph = {m: set() for m in modules}
+    for m, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "llama":
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                graph[m] |= subs or {node.module}
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in modules}
+    if "llama" in graph:
+        graph["llama"] = set()  # the package's __init__ only re-exports; every import passes through it anyway
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in sorted(graph.get(m, ())):
+            assert state.get(t) != "open", f"import cycle: {' -> '.join(path + [t])}"
+            if t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])

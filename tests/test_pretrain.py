@@ -16,7 +16,8 @@ from kollama.evaluate import bits_per_char
 from kollama.pretrain import PretrainError
 from kollama.train import ConfigError
 from llama import Llama
-from llama.checkpoint import open_checkpoint, read_slice
+from llama.checkpoint import read_slice
+from llama.loading import open_checkpoint
 from train_workers import train_worker
 
 NEW = 100  # the tiny tokenizer's ids >= NEW play the "pieces a resize appended"

@@ -17,7 +17,8 @@ from kollama import train as T
 from kollama.train import optim
 from kollama.checkpointing import TrainingDiverged
 from llama import Llama
-from llama.checkpoint import open_checkpoint, read_slice
+from llama.checkpoint import read_slice
+from llama.loading import open_checkpoint
 from train_workers import train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
