@@ -3,10 +3,8 @@
 # `torchrun --nproc_per_node N example_text_completion.py ...` (N model-parallel processes, any shard count).
 from typing import List, Optional
 
-import fire
-
 from llama import Llama
-from llama.errors import cli_errors, take_debug_flag
+from llama.errors import run_cli
 
 
 def main(
@@ -21,6 +19,7 @@ def main(
     quantize: Optional[str] = None,
     compile: bool = False,
     lora_path: Optional[str] = None,
+    device: Optional[str] = None,
 ):
     """
     Generate continuations of a few sample prompts.
@@ -37,6 +36,7 @@ def main(
         quantize: None, "int8", "int4" or "nf4" (weight-only, applied after loading).
         compile: torch.compile the decode step.
         lora_path: a LoRA adapter folder (kollama.lora.save_adapter / kollama.train's adapter/), folded into the weights.
+        device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
     """
     build = Llama.build
     extra = {}
@@ -51,6 +51,7 @@ def main(
         max_batch_size=max_batch_size,
         quantize=quantize,
         compile=compile,
+        device=device,
         **extra,
     )
 
@@ -93,6 +94,4 @@ def main(
 
 
 if __name__ == "__main__":
-    argv, debug = take_debug_flag()
-    with cli_errors(debug):  # a user's mistake: one line "error: ..." and exit code 2 (--debug: the traceback)
-        fire.Fire(main, command=argv)
+    run_cli(main)  # a user's mistake: one line "error: ..." and exit code 2 (--debug: the traceback)

@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence
 
 from kollama.train.stages import (CurriculumError, CurriculumPlan, DatasetSpec, Stage, StageSpec,  # noqa: F401
                                   build_plan, read_stages, shares)
-from llama.errors import cli_errors, take_debug_flag
-from llama.files import atomic_write_text
+from llama.errors import run_cli
+from llama.files import atomic_write_text, check_new_output
 
 # Instruction phrasings, Korean and English, for each direction (the model should follow either language).
 PHRASINGS = {
@@ -72,8 +72,11 @@ def translation_rows(ko_lines: Sequence[str], en_lines: Sequence[str], seed: int
     return rows
 
 
-def build_translation(ko, en, out, seed: int = 0, directions: str = "both", max_pairs: Optional[int] = None) -> dict:
-    """Write translation instructions for the line-aligned ``ko``/``en`` files to ``out`` (JSONL, atomically)."""
+def build_translation(ko, en, out, seed: int = 0, directions: str = "both", max_pairs: Optional[int] = None,
+                      overwrite: bool = False) -> dict:
+    """Write translation instructions for the line-aligned ``ko``/``en`` files to ``out`` (JSONL, atomically). An
+    existing ``out`` is replaced only with ``overwrite``, and never when it is ``ko`` or ``en``."""
+    check_new_output(out, "OUT", (ko, en), overwrite)
     ko_lines, en_lines = _read_lines(ko), _read_lines(en)
     if len(ko_lines) != len(en_lines):  # checked here too, to name the files
         raise CurriculumError(f"{ko} has {len(ko_lines)} lines but {en} has {len(en_lines)}; the parallel files "
@@ -96,22 +99,17 @@ def run(stages, **kwargs) -> None:
 
 
 def _build_translation_cli(ko, en, out, seed: int = 0, directions: str = "both",
-                           max_pairs: Optional[int] = None) -> None:
-    """Translation instructions from a parallel corpus: build_translation KO EN OUT.jsonl [--seed 0]"""
-    info = build_translation(ko, en, out, seed=seed, directions=directions, max_pairs=max_pairs)
+                           max_pairs: Optional[int] = None, overwrite: bool = False) -> None:
+    """Translation instructions from a parallel corpus: build_translation KO EN OUT.jsonl [--seed 0] [--overwrite]"""
+    info = build_translation(ko, en, out, seed=seed, directions=directions, max_pairs=max_pairs, overwrite=overwrite)
     print(f"wrote {info['rows']} rows from {info['pairs']} pairs ({info['skipped_pairs']} skipped) -> {info['out']}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     import logging
 
-    import fire
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    argv, debug = take_debug_flag(argv)
-    with cli_errors(debug):
-        fire.Fire({"run": run, "build_translation": _build_translation_cli}, command=argv,
-                  name="python -m kollama.curriculum")
+    run_cli({"run": run, "build_translation": _build_translation_cli}, argv, "python -m kollama.curriculum")
 
 
 if __name__ == "__main__":

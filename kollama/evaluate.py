@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from kollama import tasks as T
 from kollama.vocab import is_hangul, iter_corpus_lines, tokenizer_stats
-from llama.errors import UserError, cli_errors, take_debug_flag
+from llama.errors import UserError, run_cli
 from llama.files import atomic_write_bytes, check_writable
 
 MC_TASK_NAMES = list(T.MC_TASKS)
@@ -541,11 +541,7 @@ def _summary(metrics: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import fire
-
-    argv, debug = take_debug_flag(argv)
-    with cli_errors(debug):
-        fire.Fire(evaluate, command=argv, name="python -m kollama.evaluate", serialize=lambda _: None)
+    run_cli(evaluate, argv, "python -m kollama.evaluate", serialize=lambda _: None)
 
 
 if __name__ == "__main__":

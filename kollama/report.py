@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from llama.errors import UserError, cli_errors, take_debug_flag
+from llama.errors import UserError, run_cli
 from llama.files import atomic_write, atomic_write_bytes
 
 DASH = "–"
@@ -85,8 +85,9 @@ def load_run(path, name: Optional[str] = None, problems: Optional[List[str]] = N
     config = (_read_json(folder / "config.json", problems) if (folder / "config.json").is_file() else None) or {}
     summary = (_read_json(folder / "summary.json", problems) if (folder / "summary.json").is_file() else None) or {}
     metrics = _read_jsonl(folder / "metrics.jsonl", problems) if (folder / "metrics.jsonl").is_file() else []
-    if not (results or config or metrics):
-        problems.append(f"{path}: no results.json, config.json or metrics.jsonl found")
+    empty = not (results or config or metrics)
+    if empty:
+        problems.append(f"{path}: nothing readable (results.json, config.json or metrics.jsonl)")
     meta = results.get("meta", {}) if isinstance(results.get("meta"), dict) else {}
     info = {"method": _method_label(config), "data": config.get("data"),
             "tokenizer": config.get("tokenizer_path") or meta.get("tokenizer_path"),
@@ -95,7 +96,7 @@ def load_run(path, name: Optional[str] = None, problems: Optional[List[str]] = N
         info[key] = _first(names, [config, summary] + [r for r in reversed(metrics)])
     return {"name": name or (folder.name if path.is_dir() else path.stem), "info": info,
             "metrics": flatten_metrics(results.get("tasks", {})), "loss": _curve(metrics, "loss"),
-            "dev_loss": _curve(metrics, "dev_loss")}
+            "dev_loss": _curve(metrics, "dev_loss"), "empty": empty}
 
 
 def _method_label(config: dict) -> Optional[str]:
@@ -243,6 +244,9 @@ def report(*run_dirs, out_dir: str = "report", names=None) -> Path:
         raise ReportError(f"--names has {len(names)} entries for {len(run_dirs)} runs")
     problems: List[str] = []
     runs = [load_run(p, names[i] if names else None, problems) for i, p in enumerate(run_dirs)]
+    if all(r["empty"] for r in runs):
+        raise ReportError(f"no run has anything to report ({'; '.join(problems[:3])}); pass run folders written by "
+                          f"kollama.train or kollama.evaluate")
     out = Path(str(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     charts, why_not = plot(runs, out)
@@ -266,11 +270,7 @@ def report(*run_dirs, out_dir: str = "report", names=None) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import fire
-
-    argv, debug = take_debug_flag(argv)
-    with cli_errors(debug):
-        fire.Fire(report, command=argv, name="python -m kollama.report", serialize=lambda _: None)
+    run_cli(report, argv, "python -m kollama.report", serialize=lambda _: None)
 
 
 if __name__ == "__main__":

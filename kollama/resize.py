@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 from sentencepiece import SentencePieceProcessor
 
-from llama.checkpoint import open_shards, read_params, read_slice, split_tensor, write_checkpoint
+from llama.checkpoint import MetaCheckpoint, read_slice, split_tensor, write_checkpoint
 from kollama.vocab import VocabError, _existing_file, load_model_proto
 
 RESIZED = ("tok_embeddings.weight", "output.weight")
@@ -87,8 +87,8 @@ def resize(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite: bool
     load_model_proto(old_tokenizer, "--old_tokenizer" if given else "old tokenizer")
     where = (f"--old_tokenizer {old_tokenizer}" if given
              else f"{old_tokenizer} (taken as the old tokenizer since --old_tokenizer was not given)")
-    params = read_params(ckpt_dir)
-    readers = open_shards(ckpt_dir)
+    source = MetaCheckpoint(ckpt_dir)  # params.json checked against the shards' shapes
+    params, readers = source.params, source.readers
     n_shards = len(readers)
     old_vocab = SentencePieceProcessor(model_file=str(old_tokenizer)).vocab_size()
     # The old tokenizer is checked against the checkpoint before the new one against it: when it is the wrong

@@ -31,8 +31,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import sentencepiece as spm
 
-from llama.errors import UserError, cli_errors, take_debug_flag
-from llama.files import atomic_write_bytes
+from llama.errors import UserError, run_cli
+from llama.files import atomic_write_bytes, check_new_output
 
 PathLike = Union[str, os.PathLike]
 
@@ -212,10 +212,12 @@ def read_corpus(paths: Sequence[PathLike], field: str = "text", max_lines: Optio
 
 def train(*inputs: PathLike, out: PathLike, vocab_size: int = 16000, field: str = "text",
           character_coverage: float = 0.9995, max_lines: Optional[int] = None,
-          num_threads: Optional[int] = None) -> dict:
+          num_threads: Optional[int] = None, overwrite: bool = False) -> dict:
     """Train a Korean SentencePiece BPE model (byte_fallback, Llama 2 normalization) on the given corpus files and
     write it atomically to `out`. character_coverage 0.9995 keeps the common Hangul syllables as pieces and leaves
-    the rare ones (of 11,172 possible) to byte fallback. Returns {"out", "vocab_size", "lines"}."""
+    the rare ones (of 11,172 possible) to byte fallback. Returns {"out", "vocab_size", "lines"}. An existing
+    ``out`` is replaced only with ``overwrite``, and never when it is one of the inputs."""
+    check_new_output(out, "--out", inputs, overwrite)
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise VocabError(f"--vocab_size {vocab_size} is too small: it must be an integer >= {MIN_VOCAB_SIZE} "
                          f"(3 control pieces + 256 byte pieces + learned pieces); use e.g. 16000")
@@ -362,8 +364,11 @@ def merge_protos(base, ko, pad_multiple: int = 64, model_parallel_size: int = 1,
     return merged, info
 
 
-def merge(base: PathLike, ko: PathLike, out: PathLike, pad_multiple: int = 64, model_parallel_size: int = 1) -> dict:
-    """Merge the Korean model `ko` into the base tokenizer `base` and write `out` atomically; returns merge info."""
+def merge(base: PathLike, ko: PathLike, out: PathLike, pad_multiple: int = 64, model_parallel_size: int = 1,
+          overwrite: bool = False) -> dict:
+    """Merge the Korean model `ko` into the base tokenizer `base` and write `out` atomically; returns merge info.
+    An existing `out` is replaced only with `overwrite`, and never when it is `base` or `ko`."""
+    check_new_output(out, "OUT", (base, ko), overwrite)
     merged, info = merge_protos(load_model_proto(base, "base model"), load_model_proto(ko, "Korean model"),
                                 pad_multiple, model_parallel_size,
                                 names=(f"base model {base}", f"Korean model {ko}"))
@@ -426,16 +431,16 @@ def stats(*tokenizers: PathLike, text: PathLike, field: str = "text", max_lines:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def _train_cli(*inputs, out, vocab_size: int = 16000, field: str = "text", character_coverage: float = 0.9995,
-               max_lines: Optional[int] = None, num_threads: Optional[int] = None) -> None:
+               max_lines: Optional[int] = None, num_threads: Optional[int] = None, overwrite: bool = False) -> None:
     """Train a Korean SentencePiece BPE model: train CORPUS... --out ko.model [--vocab_size N] [--field text]"""
     info = train(*inputs, out=out, vocab_size=vocab_size, field=field, character_coverage=character_coverage,
-                 max_lines=max_lines, num_threads=num_threads)
+                 max_lines=max_lines, num_threads=num_threads, overwrite=overwrite)
     print(f"trained {info['out']}: {info['vocab_size']} pieces from {info['lines']} lines")
 
 
-def _merge_cli(base, ko, out, pad_multiple: int = 64, model_parallel_size: int = 1) -> None:
-    """Add the Korean pieces of KO.model to BASE.model: merge BASE.model KO.model OUT.model"""
-    info = merge(base, ko, out, pad_multiple, model_parallel_size)
+def _merge_cli(base, ko, out, pad_multiple: int = 64, model_parallel_size: int = 1, overwrite: bool = False) -> None:
+    """Add the Korean pieces of KO.model to BASE.model: merge BASE.model KO.model OUT.model [--overwrite]"""
+    info = merge(base, ko, out, pad_multiple, model_parallel_size, overwrite)
     skipped = ", ".join(f"{v} {k}" for k, v in info["skipped"].items() if v)
     print(f"added {info['added']} pieces to {info['base_size']} (+{info['padding']} padding): "
           f"final size {info['final_size']} -> {info['out']}" + (f" (skipped: {skipped})" if skipped else ""))
@@ -457,12 +462,8 @@ def _resize_cli(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import fire
-
-    argv, debug = take_debug_flag(argv)
-    with cli_errors(debug):
-        fire.Fire({"train": _train_cli, "merge": _merge_cli, "stats": _stats_cli, "resize": _resize_cli},
-                  command=argv, name="python -m kollama.vocab")
+    run_cli({"train": _train_cli, "merge": _merge_cli, "stats": _stats_cli, "resize": _resize_cli}, argv,
+            "python -m kollama.vocab")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import List, Literal, Optional, Tuple, TypedDict
 
+from llama.errors import UserError
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -38,7 +40,7 @@ def merge_system_message(dialog: Dialog) -> Dialog:
     """Fold a leading system message into the first user message, as Meta does."""
     if dialog and dialog[0]["role"] == "system":
         if len(dialog) < 2:
-            raise ValueError(ROLE_ORDER_ERROR)
+            raise UserError(ROLE_ORDER_ERROR)
         merged = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
         return [{"role": dialog[1]["role"], "content": merged}] + list(dialog[2:])
     return list(dialog)
@@ -47,11 +49,11 @@ def merge_system_message(dialog: Dialog) -> Dialog:
 def check_roles(dialog: Dialog, last_role: Optional[Role] = "user") -> None:
     """Roles must alternate user/assistant starting with user; ``last_role`` is required of the final message."""
     if not dialog:
-        raise ValueError("a dialog needs at least one message")
+        raise UserError("a dialog needs at least one message")
     if not (all(m["role"] == "user" for m in dialog[::2]) and all(m["role"] == "assistant" for m in dialog[1::2])):
-        raise ValueError(ROLE_ORDER_ERROR)
+        raise UserError(ROLE_ORDER_ERROR)
     if last_role is not None and dialog[-1]["role"] != last_role:
-        raise ValueError(f"Last message must be from {last_role}, got {dialog[-1]['role']}")
+        raise UserError(f"Last message must be from {last_role}, got {dialog[-1]['role']}")
 
 
 def turn_texts(dialog: Dialog, last_role: Optional[Role] = "user") -> Tuple[List[Tuple[str, str]], Optional[str]]:
@@ -89,6 +91,6 @@ def encode_dialog_turns(tokenizer, dialog: Dialog) -> List[Tuple[List[int], List
         full = tokenizer.encode(prompt + answer, bos=True, eos=True)
         head = tokenizer.encode(prompt, bos=True, eos=False)
         if full[: len(head)] != head:
-            raise ValueError(f"tokenizer merges across the [/INST] boundary; cannot split turn {prompt!r}")
+            raise UserError(f"tokenizer merges across the [/INST] boundary; cannot split turn {prompt!r}")
         out.append((head, full[len(head):]))
     return out

@@ -507,9 +507,9 @@ def reshard(src, dst, mp: int, *, fmt: Optional[str] = None, overwrite: bool = F
     """Rewrite a Meta checkpoint with any shard count as ``mp`` shards, one output shard in memory at a time,
     into a new folder (``dst`` may not be ``src``: reshard beside it and rename)."""
     prepare_destination(dst, overwrite, [src])  # before reading anything
-    params = read_params(src)
+    source = MetaCheckpoint(src)  # params.json checked against the shards' shapes
+    params, readers = source.params, source.readers
     check_model_parallel_size(params, mp)
-    readers = open_shards(src)
     fmt = fmt or ("safetensors" if readers[0].path.suffix == ".safetensors" else "pth")
 
     def shard(rank):
@@ -523,6 +523,21 @@ def reshard(src, dst, mp: int, *, fmt: Optional[str] = None, overwrite: bool = F
 # ---------------------------------------------------------------------------------------------------------------
 # The object Llama.build loads from. Other layouts (HF) provide the same three members.
 # ---------------------------------------------------------------------------------------------------------------
+def expected_shapes(params: dict, vocab_size: int) -> Dict[str, Tuple[int, ...]]:
+    """Every Meta tensor of the model ``params`` describes, with its full (unsharded) shape, in Meta's order."""
+    args = ModelArgs(**{**params, "vocab_size": vocab_size})
+    dim, q, kv, hidden = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (vocab_size, dim)}
+    for i in range(args.n_layers):
+        for name, shape in (("attention.wq", (q, dim)), ("attention.wk", (kv, dim)), ("attention.wv", (kv, dim)),
+                            ("attention.wo", (dim, q)), ("feed_forward.w1", (hidden, dim)),
+                            ("feed_forward.w2", (dim, hidden)), ("feed_forward.w3", (hidden, dim)),
+                            ("attention_norm", (dim,)), ("ffn_norm", (dim,))):
+            shapes[f"layers.{i}.{name}.weight"] = shape
+    shapes.update({"norm.weight": (dim,), "output.weight": (vocab_size, dim)})
+    return shapes
+
+
 class MetaCheckpoint:
     """A Meta-layout folder: ``params`` (dict), ``vocab_size``, ``local_state_dict(expected, rank, world_size)``."""
 
@@ -538,6 +553,21 @@ class MetaCheckpoint:
             raise CheckpointError(
                 f"params.json says vocab_size={declared} but the shards hold {self.vocab_size} embedding rows"
             )
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """params.json must describe the weights the shards hold (a converter would otherwise write a model whose
+        config contradicts its tensors): every expected tensor present, with its full shape."""
+        have = [n for n in self.readers[0].keys() if n not in IGNORED_KEYS]
+        for name, shape in expected_shapes(self.params, self.vocab_size).items():
+            if name not in have:
+                raise CheckpointError(f"{self.ckpt_dir}: params.json and the shards disagree: params.json describes "
+                                      f"{name}, which the shards lack; restore the params.json of these weights")
+            got = global_shape(self.readers, name)
+            if tuple(got) != tuple(shape):
+                raise CheckpointError(f"{self.ckpt_dir}: {name}: params.json and the shards disagree (params.json "
+                                      f"implies shape {tuple(shape)}, the shards hold {tuple(got)}); restore the "
+                                      f"params.json of these weights")
 
     def local_state_dict(self, expected: Dict[str, torch.Tensor], rank: int, world_size: int):
         return load_local_state_dict(self.ckpt_dir, expected, rank, world_size, self.readers)

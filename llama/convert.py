@@ -16,11 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import fire
-
 from llama import checkpoint as ckpt
 from llama import hf
-from llama.errors import cli_errors, take_debug_flag
+from llama.errors import run_cli
 from llama.llama2c import read_llama2c, write_llama2c
 
 
@@ -46,8 +44,8 @@ def to_llama2c(src: str, dst: str, seq_len: int = 2048, overwrite: bool = False)
     ckpt.prepare_destination(dst, overwrite, [src])
     if Path(dst).is_dir():
         raise ckpt.CheckpointError(f"{dst} is a folder; to_llama2c writes one file: pass a path like {dst}/model.bin")
-    params = ckpt.read_params(src)
-    readers = ckpt.open_shards(src)
+    source = ckpt.MetaCheckpoint(src)  # params.json checked against the shards' shapes
+    params, readers = source.params, source.readers
     state = {name: ckpt.read_slice(readers, name, 0, 1) for name in readers[0].keys()}
     write_llama2c(dst, params, state, seq_len=seq_len)
     print(f"wrote {dst}")
@@ -85,9 +83,7 @@ COMMANDS = {"llama2c": llama2c, "to_llama2c": to_llama2c, "reshard": reshard, "h
 
 
 def main():
-    argv, debug = take_debug_flag()
-    with cli_errors(debug):
-        fire.Fire(COMMANDS, command=argv, name="python -m llama.convert")
+    run_cli(COMMANDS, name="python -m llama.convert")
 
 
 if __name__ == "__main__":

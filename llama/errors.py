@@ -47,3 +47,40 @@ def cli_errors(debug: bool = False) -> Iterator[None]:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_options(fn, argv: List[str], where: str = "") -> None:
+    """Refuse a ``--flag`` that ``fn`` does not take, before any work: fire would run ``fn`` with the flags it knows
+    and only then complain about the rest (after minutes of generation or training)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return  # **options: the function validates the names itself
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name in params or name == "help" or (name.startswith("no") and name[2:] in params):  # fire's --noflag
+            continue
+        options = ", ".join("--" + n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
+        raise UserError(f"unknown option --{name}{f' for {where}' if where else ''}; the options are {options}")
+
+
+def run_cli(component, argv: Optional[List[str]] = None, name: Optional[str] = None, **fire_kwargs) -> None:
+    """Run a python-fire command line (a function, or a dict of subcommand functions) by the project's rules:
+    unknown commands and options are refused before any work, user errors print one line (``cli_errors``)."""
+    import fire
+
+    argv, debug = take_debug_flag(argv)
+    with cli_errors(debug):
+        fn, rest, where = component, argv, name or ""
+        if isinstance(component, dict):
+            fn = None
+            if argv and not argv[0].startswith("-"):
+                if argv[0] not in component:
+                    raise UserError(f"unknown command {argv[0]!r}; the commands are {', '.join(component)}")
+                fn, rest, where = component[argv[0]], argv[1:], argv[0]
+        if fn is not None and "--help" not in rest and "-h" not in rest:
+            check_options(fn, rest, where)
+        fire.Fire(component, command=argv, name=name, **fire_kwargs)

@@ -70,6 +70,11 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
         write_fn(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename == str(tmp):  # name the file the user asked for, not our temporary sibling
+            raise type(e)(e.errno, f"cannot write {path}: {e.strerror}") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -114,6 +119,23 @@ def replace_folder(tmp: PathLike, dst: PathLike, old: Optional[PathLike] = None)
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def check_new_output(path: PathLike, flag: str, inputs=(), overwrite: bool = False) -> None:
+    """Before any work, for a command that writes the file ``path``: it may never be one of the command's own
+    ``inputs`` (that would destroy what it reads), and may replace an existing file only with ``--overwrite``."""
+    from llama.errors import UserError
+
+    path = Path(path)
+    for source in inputs:
+        if os.path.realpath(path) == os.path.realpath(source):
+            raise UserError(f"{flag} {path} is also an input of this command, which would destroy it; choose "
+                            f"another {flag}")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path} exists; choose another {flag}, or pass --overwrite to replace it")
+    check_writable(path, flag)
 
 
 def check_writable(path: PathLike, flag: str) -> None:

@@ -185,10 +185,10 @@ class Llama:
         """
         if num_threads is not None:
             if num_threads < 1:
-                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+                raise UserError(f"num_threads must be >= 1, got {num_threads}")
             torch.set_num_threads(num_threads)
         if max_seq_len < 1 or max_batch_size < 1:
-            raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be >= 1")
+            raise UserError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be >= 1")
         device = select_device(device)
         init_distributed("nccl" if device.type == "cuda" else "gloo")
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -267,18 +267,18 @@ class Llama:
         params = self.model.params
         check_token_batch(prompt_tokens, params.vocab_size)
         if not prompt_tokens:
-            raise ValueError("no prompts were given; pass at least one")
+            raise UserError("no prompts were given; pass at least one")
         bsz = len(prompt_tokens)
         if bsz > params.max_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"{bsz} prompts were given but max_batch_size is {params.max_batch_size}; "
                 f"send at most {params.max_batch_size} at a time or build with a larger max_batch_size"
             )
         lengths = [len(t) for t in prompt_tokens]
         if min(lengths) == 0:
-            raise ValueError("a prompt encodes to no tokens; every prompt needs at least one token (e.g. BOS)")
+            raise UserError("a prompt encodes to no tokens; every prompt needs at least one token (e.g. BOS)")
         if max(lengths) > params.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"a prompt of {max(lengths)} tokens does not fit max_seq_len={params.max_seq_len}; "
                 f"shorten the prompt or build with a larger max_seq_len"
             )
@@ -365,7 +365,7 @@ class Llama:
             max_gen_len = self.model.params.max_seq_len - 1
         check_max_gen_len(max_gen_len)
         if not dialogs:
-            raise ValueError("no dialogs were given; pass at least one")
+            raise UserError("no dialogs were given; pass at least one")
         # Dialogs that smuggle in [INST] or <<SYS>> get the error message instead of a generation (Meta's rule).
         unsafe = [has_special_tags(d) for d in dialogs]
         prompts = [encode_dialog_prompt(self.tokenizer, d) for d, bad in zip(dialogs, unsafe) if not bad]

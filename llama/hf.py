@@ -27,17 +27,18 @@ from safetensors.torch import save_file
 from llama.checkpoint import (
     PARAMS_FILE,
     CheckpointError,
+    MetaCheckpoint,
     check_model_parallel_size,
     check_params,
+    expected_shapes,
     global_shape,
     open_shards,
     prepare_destination,
-    read_params,
     read_slice,
     staged_folder,
     write_checkpoint,
 )
-from llama.model import ModelArgs, ffn_params_for
+from llama.model import ffn_params_for
 from llama.parallel import shard_dim_of
 
 CONFIG_FILE = "config.json"
@@ -207,21 +208,6 @@ def params_from_config(config: dict, path: Path) -> dict:
     params.update(vocab_size=checked["vocab_size"], **ffn_params_for(dim, checked["hidden_dim"]),
                   norm_eps=checked["norm_eps"], rope_theta=float(checked["rope_theta"]))
     return params
-
-
-def expected_shapes(params: dict, vocab_size: int) -> Dict[str, Tuple[int, ...]]:
-    """Every Meta tensor of the model ``params`` describes, with its full (unsharded) shape, in Meta's order."""
-    args = ModelArgs(**{**params, "vocab_size": vocab_size})
-    dim, q, kv, hidden = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (vocab_size, dim)}
-    for i in range(args.n_layers):
-        for name, shape in (("attention.wq", (q, dim)), ("attention.wk", (kv, dim)), ("attention.wv", (kv, dim)),
-                            ("attention.wo", (dim, q)), ("feed_forward.w1", (hidden, dim)),
-                            ("feed_forward.w2", (dim, hidden)), ("feed_forward.w3", (hidden, dim)),
-                            ("attention_norm", (dim,)), ("ffn_norm", (dim,))):
-            shapes[f"layers.{i}.{name}.weight"] = shape
-    shapes.update({"norm.weight": (dim,), "output.weight": (vocab_size, dim)})
-    return shapes
 
 
 def read_json(path: Path) -> dict:
@@ -504,8 +490,8 @@ def meta_to_hf(src, dst, *, dtype: Optional[str] = None, max_shard_size="5GB", o
     prepare_destination(dst, overwrite, [src])  # before reading anything
     if not (src / PARAMS_FILE).is_file() and is_hf_folder(src):
         raise CheckpointError(f"{src} is a Hugging Face folder (config.json), not a Meta one; use hf_to_meta")
-    params = read_params(src)
-    readers = open_shards(src)
+    source = MetaCheckpoint(src)  # params.json checked against the shards' shapes
+    params, readers = source.params, source.readers
     names = readers[0].keys()
     stored = readers[0].get("norm.weight" if "norm.weight" in names else names[0]).dtype  # a small tensor
     out_dtype = dtype_of(dtype) or stored

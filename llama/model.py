@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.errors import UserError
 from llama.parallel import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -177,7 +178,7 @@ class Attention(nn.Module):
         self.n_local_heads = divide(args.n_heads, ws, "n_heads")
         self.n_local_kv_heads = divide(args.kv_heads, ws, "n_kv_heads")
         if args.n_heads % args.kv_heads != 0:
-            raise ValueError(f"n_heads ({args.n_heads}) must be a multiple of n_kv_heads ({args.kv_heads})")
+            raise UserError(f"n_heads ({args.n_heads}) must be a multiple of n_kv_heads ({args.kv_heads})")
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
         kw = dict(device=device, dtype=dtype)
@@ -242,9 +243,9 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, *, device=None, dtype=None):
         super().__init__()
         if params.vocab_size <= 0:
-            raise ValueError(f"vocab_size must be set (got {params.vocab_size}); take it from the tokenizer")
+            raise UserError(f"vocab_size must be set (got {params.vocab_size}); take it from the tokenizer")
         if params.dim % params.n_heads != 0:
-            raise ValueError(f"dim ({params.dim}) must be divisible by n_heads ({params.n_heads})")
+            raise UserError(f"dim ({params.dim}) must be divisible by n_heads ({params.n_heads})")
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
@@ -270,12 +271,12 @@ class Transformer(nn.Module):
     def check_bounds(self, bsz: int, start_pos: int, seqlen: int, use_cache: bool = True) -> None:
         p = self.params
         if start_pos + seqlen > p.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"positions up to {start_pos + seqlen} were asked for but max_seq_len is {p.max_seq_len}; "
                 f"shorten the input or build with a larger max_seq_len"
             )
         if use_cache and bsz > p.max_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"a batch of {bsz} rows was given but max_batch_size is {p.max_batch_size}; "
                 f"send fewer rows or build with a larger max_batch_size"
             )

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from llama.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Process groups. World = data_parallel x model_parallel; ranks [k*mp, (k+1)*mp) form one model-parallel group.
@@ -60,7 +61,7 @@ def initialize_model_parallel(model_parallel_size: int) -> None:
     global _MP_GROUP, _MP_RANKS, _DP_GROUP, _DP_RANKS
     world = dist.get_world_size() if dist.is_initialized() else 1
     if model_parallel_size < 1 or world % model_parallel_size != 0:
-        raise ValueError(
+        raise UserError(
             f"model_parallel_size={model_parallel_size} must be >= 1 and divide the world size {world}; "
             f"launch with a multiple of {model_parallel_size} processes (torchrun --nproc_per_node N)"
         )
@@ -216,7 +217,7 @@ def gather_from_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
-        raise ValueError(
+        raise UserError(
             f"{what} ({numerator}) is not divisible by the model parallel size ({denominator}); "
             f"choose a model parallel size that divides {numerator}"
         )

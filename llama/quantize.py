@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import kernel_cache
+from llama.errors import UserError
 
 # Rows of activations up to which the int8 kernel is used; above it (prefill) the product is compute bound and
 # dequantizing the weight once for a BLAS GEMM is faster.
@@ -208,13 +209,13 @@ class Int4Linear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, group_size: int = 128, inner_k_tiles: int = 8) -> "Int4Linear":
         n, k = weight.shape
         if k % group_size != 0 or group_size not in (32, 64, 128, 256):
-            raise ValueError(f"int4 needs in_features ({k}) divisible by group_size ({group_size}), and group_size "
+            raise UserError(f"int4 needs in_features ({k}) divisible by group_size ({group_size}), and group_size "
                              f"one of 32, 64, 128, 256; pass another group_size or use int8")
         if weight.device.type == "cuda" and (k % (inner_k_tiles * 16) != 0 or n % 8 != 0):
-            raise ValueError(f"CUDA int4 needs in_features % {inner_k_tiles * 16} == 0 and out_features % 8 == 0, "
+            raise UserError(f"CUDA int4 needs in_features % {inner_k_tiles * 16} == 0 and out_features % 8 == 0, "
                              f"got {(n, k)}; use int8 for this model")
         if weight.device.type == "cpu" and n % 16 != 0:
-            raise ValueError(f"CPU int4 needs out_features % 16 == 0, got {n}; use int8 for this model")
+            raise UserError(f"CPU int4 needs out_features % 16 == 0, got {n}; use int8 for this model")
         convert, _ = _int4_ops(weight.device)
         q, scale, zero = cls.quantize_groups(weight, group_size)
         if weight.device.type == "cuda":
@@ -263,10 +264,10 @@ def quantize_model(model: nn.Module, mode: Union[str, Callable[..., nn.Module]],
         if mode == "int4":
             factory = functools.partial(factory, group_size=group_size)
     elif mode == "nf4":
-        raise ValueError("quantize='nf4' is provided by kollama: use kollama.inference.build(..., quantize='nf4'), "
+        raise UserError("quantize='nf4' is provided by kollama: use kollama.inference.build(..., quantize='nf4'), "
                          "or call kollama.nf4.register() once (or pass quantize=kollama.nf4.NF4Linear.from_weight)")
     else:
-        raise ValueError(f"unknown quantize mode {mode!r}; choose one of {sorted(QUANTIZERS)} (or None)")
+        raise UserError(f"unknown quantize mode {mode!r}; choose one of {sorted(QUANTIZERS)} (or None)")
     for name, layer in model.named_modules():
         if not isinstance(layer, ParallelLinear) or layer.weight is None:
             continue

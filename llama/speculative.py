@@ -52,9 +52,9 @@ def speculative_tokens(target: Transformer, draft: Transformer, batch, sample: S
     position once its token is written; several positions per round. ``stats`` (a dict) gets the counts
     "rounds", "proposed" and "accepted" added to it."""
     if batch.bsz != 1 or batch.logprobs:
-        raise ValueError("speculative decoding generates one row at a time, without log-probabilities")
+        raise UserError("speculative decoding generates one row at a time, without log-probabilities")
     if k < 1:
-        raise ValueError(f"the number of proposed tokens k must be >= 1, got {k}")
+        raise UserError(f"the number of proposed tokens k must be >= 1, got {k}")
     tokens = batch.tokens
     cur = batch.lengths[0]  # tokens[:, :cur] are known
     seen_target = seen_draft = 0  # positions whose keys/values each cache holds

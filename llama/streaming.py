@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
+from llama.errors import UserError
 from llama.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -13,7 +14,7 @@ def normalize_stop(stop: Union[None, str, Sequence[str]]) -> List[str]:
         stop = [stop]
     stop = list(stop)
     if any(not isinstance(s, str) or not s for s in stop):
-        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+        raise UserError(f"stop strings must be non-empty strings, got {stop!r}")
     return stop
 
 

@@ -6,6 +6,8 @@ from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
+from llama.errors import UserError
+
 
 class Tokenizer:
     def __init__(self, model_path: str):
@@ -18,7 +20,7 @@ class Tokenizer:
         try:
             self.sp_model.Load(model_path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{model_path!r} is not a SentencePiece model ({e}); pass the tokenizer.model file") from e
+            raise UserError(f"{model_path!r} is not a SentencePiece model ({e}); pass the tokenizer.model file") from e
         self.model_path = model_path
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()

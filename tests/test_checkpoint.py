@@ -141,6 +141,15 @@ def test_shapes_disagree_with_params(ckpt, tokenizer):
     (ckpt / "params.json").write_text(json.dumps({**params, "multiple_of": 96}))
     with pytest.raises(CheckpointError, match="feed_forward.w1.weight.*params.json and the shards disagree"):
         build(ckpt, tokenizer)
+    # The converters open the same way, so none of them writes a model whose config contradicts its tensors.
+    from llama.checkpoint import reshard
+    from llama.convert import meta_to_hf, to_llama2c
+
+    for convert in (lambda: reshard(ckpt, ckpt.parent / "r", 1), lambda: meta_to_hf(str(ckpt), str(ckpt.parent / "h")),
+                    lambda: to_llama2c(str(ckpt), str(ckpt.parent / "m.bin"))):
+        with pytest.raises(CheckpointError, match="params.json and the shards disagree"):
+            convert()
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
 
 
 def test_missing_shard_in_the_numbering(ckpt, tokenizer):

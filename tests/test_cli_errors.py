@@ -23,6 +23,11 @@ COMMANDS = [
     (["-m", "kollama.curriculum"], ["build_translation", "ko.txt", "en.txt", "out.jsonl"]),
     ([str(ROOT / "example_text_completion.py")], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model"]),
     ([str(ROOT / "example_chat_completion.py")], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model"]),
+    # fire would run the command with the options it knows and complain about the rest only afterwards
+    ([str(ROOT / "example_text_completion.py")], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model",
+                                                  "--bogus", "3"]),
+    (["-m", "llama.convert"], ["bogus_cmd", "a", "b"]),
+    (["-m", "kollama.vocab"], ["stats", "t.model", "--text", "x.txt", "--bogus", "1"]),
 ]
 
 
@@ -47,3 +52,37 @@ def test_debug_flag_and_env_show_the_traceback(tmp_path):
     for extra, env in (["--debug"], None), ([], {"LLAMA_DEBUG": "1"}):
         proc = run(cmd, args + extra, tmp_path, env)
         assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr
+
+
+def test_outputs_never_replace_inputs_or_existing_files(tmp_path):
+    """vocab train/merge and curriculum build_translation write one file: never over one of their inputs, and
+    over an existing file only with --overwrite (found by a bad-input sweep: each used to exit 0 and destroy it)."""
+    ko, en = tmp_path / "p.ko", tmp_path / "p.en"
+    ko.write_text("안녕하세요\n고맙습니다\n", encoding="utf-8")
+    en.write_text("Hello\nThank you\n")
+    keep = tmp_path / "keep.json"
+    keep.write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    attempts = [
+        (["-m", "kollama.curriculum", "build_translation", str(ko), str(en), str(ko)], "is also an input"),
+        (["-m", "kollama.curriculum", "build_translation", str(ko), str(en), str(keep)], "exists; choose another OUT"),
+        (["-m", "kollama.vocab", "train", str(ko), "--out", str(ko), "--vocab_size", "300"], "is also an input"),
+        (["-m", "kollama.vocab", "merge", str(keep), str(ko), str(keep)], "is also an input"),
+    ]
+    for cmd, message in attempts:
+        proc = run(cmd, [], tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    proc = run(["-m", "kollama.curriculum", "build_translation", str(ko), str(en), str(keep), "--overwrite"], [],
+               tmp_path)
+    assert proc.returncode == 0 and keep.read_text().startswith("{\"instruction\""), proc.stderr
+
+
+def test_report_of_unreadable_runs_is_an_error(tmp_path):
+    run_dir = tmp_path / "garbage_run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("not json{")
+    (run_dir / "metrics.jsonl").write_text("zzz\n")
+    proc = run(["-m", "kollama.report"], [str(run_dir), "--out_dir", str(tmp_path / "rep")], tmp_path)
+    assert proc.returncode == 2 and "no run has anything to report" in proc.stderr, proc.stderr
+    assert not (tmp_path / "rep").exists()

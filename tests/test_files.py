@@ -57,3 +57,14 @@ def test_wrong_llama_test_data_fails_at_collection(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
     assert f"LLAMA_TEST_DATA={tmp_path} lacks stories260K.bin, tok512.model" in proc.stderr, proc.stderr
+
+
+def test_an_unwritable_target_is_named_not_its_temporary_sibling(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+
+    with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'out.json'}: Permission denied") as e:
+        atomic_write(tmp_path / "out.json", refuse)
+    assert ".tmp-" not in str(e.value)

@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from kollama.train.config import help_text
-from llama.errors import cli_errors, take_debug_flag
+from llama.errors import run_cli
 
 
 def run(**options) -> None:
@@ -22,17 +22,14 @@ def run(**options) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import fire
-
-    argv, debug = take_debug_flag(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return
     # Only rank 0 logs (data warnings, notices); the other ranks report errors only.
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    with cli_errors(debug):
-        fire.Fire(run, command=argv, name="python -m kollama.train")
+    run_cli(run, argv, "python -m kollama.train")
 
 
 if __name__ == "__main__":
