@@ -26,6 +26,9 @@ def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "saf
             overwrite: bool = False) -> str:
     """Convert a llama2.c legacy checkpoint (e.g. stories260K.bin) into a Meta-layout folder."""
     ckpt.prepare_destination(dst, overwrite, [src])  # before reading anything
+    if tokenizer and not Path(tokenizer).is_file():
+        raise ckpt.CheckpointError(f"--tokenizer {tokenizer} does not exist; pass the SentencePiece model this "
+                                   f"checkpoint was trained with (stories260K: tok512.model), or leave it out")
     params, state = read_llama2c(src)
     ckpt.check_model_parallel_size(params, mp)
     shards = [[] for _ in range(mp)]

@@ -27,6 +27,7 @@ COMMANDS = [
     ([str(ROOT / "example_text_completion.py")], ["--ckpt_dir", MISSING, "--tokenizer_path", "t.model",
                                                   "--bogus", "3"]),
     (["-m", "llama.convert"], ["bogus_cmd", "a", "b"]),
+    (["-m", "llama.convert"], ["llama2c", "x.bin", "out", "--tokenizer", "nope.model"]),
     (["-m", "kollama.vocab"], ["stats", "t.model", "--text", "x.txt", "--bogus", "1"]),
 ]
 

@@ -222,7 +222,11 @@ class TrainRecipe:
 
     def _checkpoint_to_resume(self, ckpt_root: Path) -> Path:
         if self.cfg.resume is not True:
-            return Path(self.cfg.resume)
+            path = Path(self.cfg.resume)
+            if not path.is_dir():
+                raise ConfigError(f"--resume {path}: no such checkpoint folder; pass --resume alone for the newest "
+                                  f"intact checkpoint in {ckpt_root}, or an existing checkpoints/step-NNNNNN folder")
+            return path
         path, damaged = find_resumable(ckpt_root, self.files_to_read())
         for bad, why in damaged:
             self.say(f"--resume: skipping damaged checkpoint {bad} ({why}); it is left on disk")
