@@ -49,6 +49,7 @@ from torch import nn
 
 from llama.errors import UserError
 from llama.files import atomic_write
+from llama.hf import hf_name, permute_to_hf
 from llama.parallel import (
     ParallelEmbedding,
     ParallelLinear,
@@ -63,8 +64,6 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-_HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj"}
 _LORA_FIELDS = ("r", "alpha", "dropout", "targets", "use_rslora")
 RESAVE = ("save the adapter again (kollama.lora.save_adapter), or copy or download the folder again from where it "
           "came from")
@@ -524,18 +523,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 # peft export
 # ---------------------------------------------------------------------------------------------------------------
 def _hf_module(path: str) -> str:
-    if path == "output":
-        return "lm_head"
-    parts = path.split(".")  # layers.{i}.attention.wq
-    if len(parts) == 4 and parts[0] == "layers" and parts[3] in _HF_NAMES:
-        return f"model.layers.{parts[1]}.{_HF_NAMES[parts[3]]}"
-    raise ValueError(f"{path!r} is not a Llama 2 LoRA target path; no Hugging Face name for it")
-
-
-def _permute_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved rotary rows -> transformers' half-split rows, per head (as convert_llama_weights_to_hf)."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """transformers' module path of a Meta module path (``layers.3.attention.wq`` -> ``model.layers.3.self_attn.
+    q_proj``), from the one Meta<->HF name table in llama.hf."""
+    return hf_name(path + ".weight").removesuffix(".weight")
 
 
 def export_peft(adapter_dir_or_model, out_dir, base_model_name_or_path: Optional[str] = None) -> Path:
@@ -558,17 +548,18 @@ def export_peft(adapter_dir_or_model, out_dir, base_model_name_or_path: Optional
         raise ValueError("exporting wq/wk adapters needs n_heads/n_kv_heads (model_args); save the adapter from "
                          "a llama Transformer so adapter_config.json records them")
     heads = {"wq": args.get("n_heads"), "wk": args.get("n_kv_heads") or args.get("n_heads")}
-    tensors = {}
+    tensors, hf_leaf = {}, {}
     for key, t in state.items():
         path, _, factor = key.rpartition(".")
         leaf = path.rsplit(".", 1)[-1]
         if factor == "lora_B" and leaf in heads:
-            t = _permute_rows_to_hf(t, heads[leaf])
+            t = permute_to_hf(t, heads[leaf])  # the row order convert_llama_weights_to_hf gives q_proj / k_proj
         tensors[f"base_model.model.{_hf_module(path)}.{factor}.weight"] = t.contiguous()
+        hf_leaf[leaf] = _hf_module(path).rsplit(".", 1)[-1]
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["r"], "lora_alpha": config["alpha"],
         "lora_dropout": config["dropout"], "use_rslora": config["use_rslora"], "bias": "none",
-        "target_modules": ["lm_head" if t == "output" else _HF_NAMES[t].split(".")[1] for t in config["targets"]],
+        "target_modules": [hf_leaf[t] for t in config["targets"]],
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path or (
             config.get("base_model") if isinstance(config.get("base_model"), str) else None),
