@@ -4,7 +4,7 @@
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.errors import run_cli
+from llama.errors import UserError, run_cli
 
 
 def main(
@@ -20,6 +20,8 @@ def main(
     compile: bool = False,
     lora_path: Optional[str] = None,
     device: Optional[str] = None,
+    user: Optional[str] = None,
+    system: Optional[str] = None,
 ):
     """
     Answer a few sample dialogs with a chat model.
@@ -37,6 +39,8 @@ def main(
         compile: torch.compile the decode step.
         lora_path: a LoRA adapter folder (kollama.lora.save_adapter / kollama.train's adapter/), folded into the weights.
         device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
+        user: answer this message instead of Meta's demo dialogs (with --system as the system prompt).
+        system: a system prompt for --user.
     """
     build = Llama.build
     extra = {}
@@ -100,6 +104,11 @@ If a question does not make any sense, or is not factually coherent, explain why
             }
         ],
     ]
+    if user is not None:
+        dialogs = [([{"role": "system", "content": str(system)}] if system else [])
+                   + [{"role": "user", "content": str(user)}]]
+    elif system is not None:
+        raise UserError("--system goes with --user (the message to answer)")
     if stream:
         for dialog in dialogs:
             for msg in dialog:

@@ -20,6 +20,8 @@ def main(
     compile: bool = False,
     lora_path: Optional[str] = None,
     device: Optional[str] = None,
+    prompt: Optional[str] = None,
+    draft: Optional[str] = None,
 ):
     """
     Generate continuations of a few sample prompts.
@@ -37,6 +39,9 @@ def main(
         compile: torch.compile the decode step.
         lora_path: a LoRA adapter folder (kollama.lora.save_adapter / kollama.train's adapter/), folded into the weights.
         device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
+        prompt: continue this text instead of Meta's four demo prompts.
+        draft: speculative decoding with "int8" (the model's own int8 copy) or a smaller checkpoint folder; used when
+            one prompt is generated at a time (--prompt, or --stream).
     """
     build = Llama.build
     extra = {}
@@ -53,6 +58,7 @@ def main(
         compile=compile,
         device=device,
         **extra,
+        **({"draft": draft} if draft else {}),
     )
 
     prompts: List[str] = [
@@ -72,6 +78,8 @@ def main(
         plush girafe => girafe peluche
         cheese =>""",
     ]
+    if prompt is not None:
+        prompts = [str(prompt)]  # fire turns a numeric-looking argument into a number
     if stream:
         for prompt in prompts:
             print(prompt)

@@ -142,3 +142,24 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(setup, tmp_path):
                                               f"pass --tokenizer_path"):
         Llama.build(str(ckpt), str(other), max_seq_len=32, max_batch_size=2, device="cpu")
     Llama.build(str(ckpt), setup["tok"], max_seq_len=32, max_batch_size=2, device="cpu")  # an equal copy is fine
+
+
+def test_examples_take_a_prompt_and_a_dialog(test_data, tmp_path):
+    """--prompt / --user replace Meta's demo prompts; greedy on stories260K continues the given text."""
+    from conftest import need
+
+    bin_, tok = need(test_data, "stories260K.bin", "tok512.model")
+    ckpt = tmp_path / "ckpt"
+    subprocess.run([sys.executable, "-m", "llama.convert", "llama2c", str(bin_), str(ckpt)], check=True,
+                   capture_output=True, cwd=ROOT)
+    common = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tok), "--temperature", "0", "--max_gen_len", "24"]
+    out = subprocess.run([sys.executable, "example_text_completion.py", *common, "--prompt", "Once upon a time"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("==================================") == 1
+    assert "Once upon a time\n> , there was a little girl named Lily" in out.stdout, out.stdout
+    chat = subprocess.run([sys.executable, "example_chat_completion.py", *common, "--max_seq_len", "256", "--user",
+                           "Tell me a story.", "--system", "Be kind."], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.count("==================================") == 1 and "System: Be kind." in chat.stdout
