@@ -163,6 +163,19 @@ def test_resume_refuses_another_base_or_tokenizer(setup, tmp_path):
     assert s["step"] == 6
 
 
+def test_resume_with_a_changed_fixed_option_is_refused_before_loading(setup, monkeypatch):
+    run(setup, "fixed", stop_at_step=2)
+    from kollama.train.recipe import TrainRecipe
+
+    def must_not_load(self):
+        raise AssertionError("the data were loaded before the changed option was noticed")
+
+    monkeypatch.setattr(TrainRecipe, "load_data", must_not_load)
+    for change, name in ((dict(template="alpaca"), "template"), (dict(cutoff_len=24), "cutoff_len")):
+        with pytest.raises(ConfigError, match=f"cannot resume the run in .*fixed.*'{name}'"):
+            run(setup, "fixed", resume=True, **change)
+
+
 def test_config_file_overrides_validation_and_help(setup, tmp_path):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"data": setup["data"], "ckpt_dir": setup["base"], "tokenizer_path": setup["tok"],

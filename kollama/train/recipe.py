@@ -59,6 +59,7 @@ from llama.parallel import (destroy_model_parallel, get_data_parallel_group, get
                             init_distributed, initialize_model_parallel)
 
 log = logging.getLogger("kollama.train")
+REQUESTED = ("method", "template", "packing", "merge", "trainable", "new_rows_from")  # config.json: resolved values
 
 
 def train(data=None, ckpt_dir=None, tokenizer_path=None, out_dir=None, *, config: Optional[str] = None,
@@ -120,11 +121,23 @@ class TrainRecipe:
             self.progress.write(message)
 
     def prepare_run_folder(self) -> None:
-        """Refuse to start over a previous run unless --resume or --overwrite (which moves it aside)."""
+        """Refuse to start over a previous run unless --resume or --overwrite (which moves it aside); on --resume,
+        refuse a changed fixed option now, before minutes of loading (the checkpoint is checked again later)."""
         moved = prepare_out_dir(self.out, bool(self.cfg.resume), self.cfg.overwrite, self.is_main)
         if moved:
             self.say(f"--overwrite: moved the previous run in {self.out} to {moved}")
         self.runlog = RunLog(self.out, self.is_main)
+        saved_file = self.out / "config.json"
+        if self.cfg.resume and saved_file.is_file():
+            saved = json.loads(saved_file.read_text())
+            # config.json holds resolved values for these (e.g. template "text" for pretraining); compare what
+            # was asked for (recorded since this version) instead
+            options = {**{k: v for k, v in saved.items() if k not in REQUESTED}, **saved.get("requested", {})}
+            fixed, _ = resume_differences(options, self.cfg.to_dict())
+            if fixed:
+                raise ConfigError(f"cannot resume the run in {self.out}: these settings differ from its "
+                                  f"config.json (saved, now): {fixed}; rerun with the saved values or start a new "
+                                  f"--out_dir")
 
     def load_data(self) -> None:
         """Every rank reads all the data: the order is a pure function of seed and step."""
@@ -192,7 +205,8 @@ class TrainRecipe:
                            "template": self.template, "packing": self.packing, "total_steps": self.total_steps,
                            "global_batch": self.global_batch,
                            "world_size": self.dp_size * cfg.model_parallel_size,
-                           "stages": self.plan.describe(), **self.base}
+                           "stages": self.plan.describe(), **self.base,
+                           "requested": {k: getattr(cfg, k) for k in REQUESTED}}
         if self.nf4_report is not None:
             self.run_config["nf4"] = self.nf4_report  # bits per base parameter etc. (derived from the base)
 
