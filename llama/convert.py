@@ -1,7 +1,7 @@
 """Checkpoint conversion: ``python -m llama.convert COMMAND ...``.
 
   llama2c IN.bin OUT_DIR [--tokenizer T.model] [--fmt safetensors|pth] [--mp N]   llama2.c legacy .bin -> Meta folder
-  to_llama2c CKPT_DIR OUT.bin [--overwrite]                                        Meta folder -> llama2.c .bin
+  to_llama2c CKPT_DIR OUT.bin [--seq_len N] [--overwrite]                          Meta folder -> llama2.c .bin
   reshard SRC DST --mp N [--fmt ...] [--overwrite]                                 any shard count -> N shards
   hf_to_meta SRC DST [--mp N] [--fmt safetensors|pth] [--overwrite]                HF folder -> Meta folder
   meta_to_hf SRC DST [--dtype float32|bfloat16|float16] [--max_shard_size 5GB]    Meta folder -> HF folder
@@ -13,13 +13,17 @@ never be, hold or lie inside SRC (reshard into a new folder and rename it). A mi
 """
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 from llama import checkpoint as ckpt
 from llama import hf
 from llama.errors import run_cli
-from llama.llama2c import read_llama2c, write_llama2c
+from llama.llama2c import llama2c_seq_len, read_llama2c, write_llama2c
+
+LLAMA2C_INFO = "llama2c.json"  # {"seq_len": N} beside a folder converted from llama2.c
 
 
 def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "safetensors", mp: int = 1,
@@ -35,22 +39,32 @@ def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "saf
     for name, tensor in state.items():
         for rank, piece in enumerate(ckpt.split_tensor(name, tensor, mp)):
             shards[rank].append((name, piece))
-    extras = [Path(tokenizer)] if tokenizer else []
-    out = ckpt.write_checkpoint(dst, params, (iter(s) for s in shards), fmt=fmt, overwrite=overwrite,
-                                extra_files=extras, sources=[src])
+    with tempfile.TemporaryDirectory() as tmp:
+        # llama2.c's seq_len (the length of its stored rotary tables) is not a Meta params.json key (Meta's
+        # Llama.build passes max_seq_len itself), so it travels in a side file that to_llama2c reads back.
+        sidecar = Path(tmp) / LLAMA2C_INFO
+        sidecar.write_text(json.dumps({"seq_len": llama2c_seq_len(src)}) + "\n")
+        extras = [sidecar] + ([Path(tokenizer)] if tokenizer else [])
+        out = ckpt.write_checkpoint(dst, params, (iter(s) for s in shards), fmt=fmt, overwrite=overwrite,
+                                    extra_files=extras, sources=[src])
     print(f"wrote {out} ({mp} shard{'s' if mp > 1 else ''}, {fmt})")
     return str(out)
 
 
-def to_llama2c(src: str, dst: str, seq_len: int = 2048, overwrite: bool = False) -> str:
-    """Convert a Meta-layout folder (any shard count) into a llama2.c legacy fp32 .bin."""
+def to_llama2c(src: str, dst: str, seq_len: Optional[int] = None, overwrite: bool = False) -> str:
+    """Convert a Meta-layout folder (any shard count) into a llama2.c legacy fp32 .bin. ``seq_len`` (the rotary
+    tables' length) defaults to the one recorded when the folder was converted from llama2.c, so the file
+    round-trips byte for byte; else 2048."""
     ckpt.prepare_destination(dst, overwrite, [src])
     if Path(dst).is_dir():
         raise ckpt.CheckpointError(f"{dst} is a folder; to_llama2c writes one file: pass a path like {dst}/model.bin")
     source = ckpt.MetaCheckpoint(src)  # params.json checked against the shards' shapes
     params, readers = source.params, source.readers
     state = {name: ckpt.read_slice(readers, name, 0, 1) for name in readers[0].keys()}
-    write_llama2c(dst, params, state, seq_len=seq_len)
+    info = Path(src) / LLAMA2C_INFO
+    if seq_len is None and info.is_file():
+        seq_len = int(json.loads(info.read_text())["seq_len"])
+    write_llama2c(dst, params, state, seq_len=seq_len or 2048)
     print(f"wrote {dst}")
     return dst
 

@@ -97,6 +97,12 @@ def read_llama2c(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return params, state
 
 
+def llama2c_seq_len(path) -> int:
+    """The training context length in a llama2.c file's header (the size of its stored rotary tables)."""
+    with open(path, "rb") as f:
+        return HEADER.unpack(f.read(HEADER.size))[6]
+
+
 def write_llama2c(path, params: dict, state: Dict[str, torch.Tensor], seq_len: Optional[int] = None) -> Path:
     """Write a llama2.c legacy fp32 ``.bin`` (atomically); the classifier is stored unshared unless it equals
     the embedding."""

@@ -186,3 +186,15 @@ def test_pickle_with_code_is_refused(ckpt, tokenizer):
     torch.save({"tok_embeddings.weight": torch.zeros(2), "x": Evil()}, ckpt / "consolidated.00.pth")
     with pytest.raises(CheckpointError, match="refused to load .*weights_only"):
         build(ckpt, tokenizer)
+
+
+def test_llama2c_round_trip_is_byte_exact_by_default(test_data, tmp_path):
+    """llama2c -> Meta folder -> to_llama2c with no --seq_len gives back the very same file (the rotary tables'
+    length travels in llama2c.json beside the weights)."""
+    from conftest import need
+    from llama.convert import llama2c, to_llama2c
+
+    (bin_,) = need(test_data, "stories260K.bin")
+    llama2c(str(bin_), str(tmp_path / "ckpt"))
+    to_llama2c(str(tmp_path / "ckpt"), str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == bin_.read_bytes()
