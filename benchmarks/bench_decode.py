@@ -3,7 +3,7 @@ speed and perplexity change, and this machine's own memory bandwidth and matmul 
 
     python benchmarks/bench_decode.py [--shapes stories260K,stories15M,1.1B] [--steps 16] [--batches 1,8,32]
         [--prefill 512] [--no-hf] [--no-int8] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
-        [--results benchmarks/RESULTS.md]
+        [--out benchmarks/RESULTS.md]
 
 Shapes: stories260K (real weights when LLAMA_TEST_DATA has stories260K.bin + tok512.model, converted with
 llama.convert.llama2c; else random), stories15M (dim 288, 6 layers, FFN 768, vocab 32000; random), 1.1B
@@ -122,6 +122,15 @@ def step_bytes(model, bsz, ctx):
     return weights + kv
 
 
+def per_token(t_n: float, t_1: float, steps: int) -> float:
+    """Decode seconds per token from whole generations of ``steps`` and of 1 token (prefill cancels out). On a
+    loaded machine the 1-token run can take longer than the long one; that is noise, not a speed, so say so."""
+    if t_n <= t_1:
+        raise SystemExit(f"timing noise: {steps} tokens took {t_n:.3f}s, 1 token {t_1:.3f}s; rerun on a quieter "
+                         f"machine or with more --steps")
+    return (t_n - t_1) / (steps - 1)
+
+
 def ours_decode(model, bsz, prompt_len, steps, device, compile=False):
     llama = Llama(model, NoEos(), compile=compile)
     prompts = torch.randint(3, model.vocab_size, (bsz, prompt_len)).tolist()
@@ -130,7 +139,7 @@ def ours_decode(model, bsz, prompt_len, steps, device, compile=False):
     reps = 3 if model.params.dim < 1024 else 1  # best of 3 on a shared machine, where it is cheap
     t_n = timed(lambda: (llama.generate(prompts, steps, temperature=0), sync()), reps)
     t_1 = timed(lambda: (llama.generate(prompts, 1, temperature=0), sync()), reps + 1)
-    return (t_n - t_1) / (steps - 1)
+    return per_token(t_n, t_1, steps)
 
 
 def hf_from(model):
@@ -168,7 +177,7 @@ def hf_decode(hf, bsz, prompt_len, steps, vocab, device):
     reps = 3 if hf.config.hidden_size < 1024 else 1
     t_n = timed(lambda: gen(steps), reps)
     t_1 = timed(lambda: gen(1), reps + 1)
-    return (t_n - t_1) / (steps - 1)
+    return per_token(t_n, t_1, steps)
 
 
 def prefill(fn, tokens, device):
@@ -209,7 +218,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--out", "--results", dest="results", default=None,
+                    help="append the figures as Markdown to this file (nothing is written without it)")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--activation_checkpointing", action="store_true")
-    ap.add_argument("--results", default=None, help="append a markdown section to this file")
+    ap.add_argument("--out", "--results", dest="results", default=None, help="append a markdown section to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "method:shape", internal
     a = ap.parse_args()
     if a.child:

@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--results", default=None, help="append a markdown section to this file")
+    ap.add_argument("--out", "--results", dest="results", default=None, help="append a markdown section to this file")
     ap.add_argument("--make", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: PATH TOKENIZER
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: the mode's out dir
     a, rest = ap.parse_known_args()

@@ -242,7 +242,7 @@ def main() -> None:
                     help="measured steps per framework in the speed run: one number for every shape, or shape:n")
     ap.add_argument("--mem_steps", type=int, default=2, help="measured steps (after warmup) in each memory run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--results", default=None, help="append a section to this markdown file")
+    ap.add_argument("--out", "--results", dest="results", default=None, help="append a section to this markdown file")
     ap.add_argument("--profile", action="store_true", help="also profile one step of each framework per shape")
     ap.add_argument("--worker", choices=["ours", "peft", "both"], help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Peak memory of ``python -m llama.convert meta_to_hf`` / ``hf_to_meta`` on a ~1 GB fp32 model, against the
 model's largest tensor, its largest output shard and its total size.
 
-    python benchmarks/convert_memory.py [--workdir DIR] [--results benchmarks/RESULTS.md] [--keep]
+    python benchmarks/convert_memory.py [--workdir DIR] [--out benchmarks/RESULTS.md] [--keep]
 
 The model: dim 1024, 16 layers, 16 heads, vocabulary 32000, FFN 2816 -> 271M parameters, 1.08 GB in fp32; its largest
 tensors are the embedding and the classifier (32000 x 1024, 131 MB). It is written as a 2-shard Meta .pth checkpoint
@@ -122,7 +122,8 @@ def machine() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=None, help="where the ~3.3 GB of checkpoints go (default: a temp folder)")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--out", "--results", dest="results", default=None,
+                    help="append the figures as Markdown to this file (nothing is written without it)")
     ap.add_argument("--max_shard_size", default="200MB")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--make", default=None, help=argparse.SUPPRESS)  # internal: write the model there and exit
@@ -195,12 +196,13 @@ def main():
     section = "\n".join(lines)
     print()
     print(section)
-    results = Path(opts.results)
-    if not results.exists():
-        results.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n\n")
-    with open(results, "a") as f:
-        f.write(section + "\n")
-    print(f"appended to {results}")
+    if opts.results:
+        results = Path(opts.results)
+        if not results.exists():
+            results.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n\n")
+        with open(results, "a") as f:
+            f.write(section + "\n")
+        print(f"appended to {results}")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,8 @@ class Llama:
 
             draft_model = load_draft(draft, model, tokenizer, tokenizer_path, max_seq_len, device)
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        if compile:  # otherwise the first generation looks hung for the tens of seconds torch.compile takes
+            print("compile=True: the decode step is compiled during the first generation (tens of seconds)")
         return Llama(model, tokenizer, seed=seed, compile=compile, draft=draft_model, speculate_k=speculate_k)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
