@@ -1,12 +1,14 @@
 """The project's error base class, and how command-line entry points report a user's mistake.
 
 A ``UserError`` is a mistake in what the user gave (a path, a flag, a file's contents); its message names the problem
-and the fix. Every error class of ``llama`` and ``kollama`` derives from it and lives in a module that is never run as
-``__main__``: ``python -m kollama.vocab`` imports kollama/vocab.py a second time under the name ``__main__``, so a
-handler written against a class of the running module would miss the copy raised by the imported one.
+and the fix. Every error class of ``llama`` and ``kollama`` derives from it, and handlers catch ``UserError`` itself,
+which lives in a module never run as ``__main__``: ``python -m kollama.vocab`` imports kollama/vocab.py a second time
+under the name ``__main__``, so a handler written against a class of the running module would miss the copy raised
+by the imported one.
 
-Entry points run their work under ``cli_errors()``: a UserError, or an OS error about a path the user named (missing,
-not a folder, no permission), is printed as one line ``error: ...`` on stderr with exit code 2 and no traceback.
+Entry points run through ``run_cli`` (python-fire; it also refuses unknown commands and options before any work) or
+under ``cli_errors()``: a UserError, or an OS error about a path the user named (missing, not a folder, no
+permission), is printed as one line ``error: ...`` on stderr with exit code 2 and no traceback.
 ``--debug`` on any command line (or ``LLAMA_DEBUG=1`` in the environment) shows the traceback instead. Programming
 errors are never caught.
 """
@@ -58,7 +60,9 @@ def check_options(fn, argv: List[str], where: str = "") -> None:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return  # **options: the function validates the names itself
     for arg in argv:
-        if not arg.startswith("--") or arg == "--":
+        if arg == "--":  # what follows are fire's own flags
+            break
+        if not arg.startswith("--"):
             continue
         name = arg[2:].split("=", 1)[0].replace("-", "_")
         if name in params or name == "help" or (name.startswith("no") and name[2:] in params):  # fire's --noflag
