@@ -318,6 +318,7 @@ def _two_rank_worker(rank, world, port, root, out):
         torch.save({"error": error, "after_failure": after_failure, "found": found, "damaged": damaged,
                     "step": loaded["step"], "moved": moved, "after_quarantine": after_quarantine},
                    Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other may still be in a collective
     finally:
         dist.destroy_process_group()
 
