@@ -1,5 +1,5 @@
-"""Trainer state for exact resume (``out_dir/checkpoints/step-NNNNNN/``), the run's config.json / metrics.jsonl, and
-its final outputs (``adapter/``, ``merged/``, ``model/``).
+"""Trainer state for exact resume (``out_dir/checkpoints/step-NNNNNN/``) and the run's final outputs (``adapter/``,
+``merged/``, ``model/``). The run's config.json / metrics.jsonl are ``kollama.train.run_folder.RunLog``'s.
 
 Files: ``weights.mpRR.safetensors`` (this model-parallel rank's trainable tensors, by parameter name),
 ``optimizer.mpRR.pt``, ``rng.rankGGG.pt`` (torch CPU/CUDA and Python RNG of every global rank),
@@ -38,8 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from kollama.distributed import local
 from llama.errors import UserError
-from llama.files import (atomic_write, atomic_write_bytes, fsync_dir, fsync_file, replace_folder, sha256_file,
-                         write_json)
+from llama.files import atomic_write, fsync_dir, replace_folder, sha256_file, write_json
 from llama.checkpoint import write_checkpoint
 from llama.parallel import (get_model_parallel_group, get_model_parallel_rank, get_model_parallel_src_rank,
                             get_model_parallel_world_size)
@@ -496,81 +495,6 @@ def _rename_aside(root, step: int) -> Optional[Path]:
     fsync_dir(src.parent)
     log.warning("quarantined %s as %s", src, new)
     return new
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Run files: config.json and metrics.jsonl (rank 0 only)
-# ---------------------------------------------------------------------------------------------------------------
-class RunLog:
-    """The run's files in ``out_dir``. Only the main process writes; on the others every method is a no-op."""
-
-    def __init__(self, out_dir, is_main: bool):
-        self.out, self.is_main = Path(out_dir), bool(is_main)
-        self.metrics = self.out / "metrics.jsonl"
-
-    def write_json(self, name: str, obj) -> None:
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / name, obj)
-
-    def append_metrics(self, record: dict) -> None:
-        """One JSON line, flushed to the OS (made durable by ``sync``)."""
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-                f.flush()
-
-    def sync(self) -> None:
-        """fsync metrics.jsonl (the trainer calls this at each checkpoint and at the end)."""
-        if self.is_main and self.metrics.exists():
-            fsync_file(self.metrics)
-            fsync_dir(self.out)
-
-    def read_metrics(self) -> List[dict]:
-        """The complete records (a torn or undecodable line is skipped)."""
-        return [r for r, _ in _parse_lines(self.metrics)[0]]
-
-    def repair_metrics(self, step: int) -> Optional[str]:
-        """On resume at ``step``: keep the complete records with step <= ``step``; drop later ones (logged by the
-        interrupted run after its last checkpoint) and a torn last line. Returns a notice, or None if the file
-        was already clean (then it is not touched)."""
-        if not self.is_main or not self.metrics.exists():
-            return None
-        records, torn = _parse_lines(self.metrics)
-        keep = [line for r, line in records if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
-        dropped = len(records) - len(keep)
-        if not dropped and not torn:
-            return None
-        atomic_write_bytes(self.metrics, b"".join(line + b"\n" for line in keep))
-        parts = [f"dropped {dropped} record{'s' if dropped != 1 else ''} logged after step {step}"] if dropped else []
-        if torn:
-            parts.append(f"removed {torn} torn line{'s' if torn != 1 else ''} (an incomplete write of an "
-                         f"interrupted run)")
-        return f"{self.metrics}: " + " and ".join(parts)
-
-
-def _parse_lines(path: Path) -> Tuple[List[Tuple[dict, bytes]], int]:
-    """([(record, raw line)], number of torn lines): a line is torn if it is not a JSON object, or is the last
-    one and lacks its newline (the process died mid-write)."""
-    if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (b"" if the file ends cleanly)
-    records, torn = [], int(bool(tail.strip()))
-    for line in complete:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append((record, line))
-        else:
-            torn += 1
-    return records, torn
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from helpers import free_port, random_model, set_dist_env, tiny_args
 from kollama import checkpointing as C
+from kollama.train.run_folder import RunLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = {"method": "full", "lr": 1e-3, "seed": 5, "world_size": 1}
@@ -252,7 +253,7 @@ def test_quarantine_renames_diverged_step(tmp_path, state):
 
 
 def test_metrics_torn_line_repaired(tmp_path):
-    run = C.RunLog(tmp_path / "out", is_main=True)
+    run = RunLog(tmp_path / "out", is_main=True)
     run.write_json("config.json", CONFIG)
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == CONFIG
     for step in range(1, 7):
@@ -271,14 +272,14 @@ def test_metrics_torn_line_repaired(tmp_path):
     assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "metrics.jsonl"]
 
-    only_torn = C.RunLog(tmp_path / "b", is_main=True)
+    only_torn = RunLog(tmp_path / "b", is_main=True)
     only_torn.append_metrics({"step": 1})
     with open(only_torn.metrics, "ab") as f:
         f.write(b'{"step": 2}')  # complete JSON but no newline: the write was cut before it
     assert only_torn.repair_metrics(9) == f"{only_torn.metrics}: removed 1 torn line (an incomplete write of an " \
                                           f"interrupted run)"
 
-    other = C.RunLog(tmp_path / "c", is_main=False)
+    other = RunLog(tmp_path / "c", is_main=False)
     other.write_json("config.json", CONFIG)
     other.append_metrics({"step": 1})
     other.sync()

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from kollama import data as D
 from kollama import pretrain as P
-from kollama.checkpointing import (STATE, RunLog, TrainingDiverged, config_hash, files_to_read, find_resumable,
+from kollama.checkpointing import (STATE, TrainingDiverged, config_hash, files_to_read, find_resumable,
                                    load_trainer_state, quarantine_checkpoint, save_trainer_state, write_outputs)
 from kollama.distributed import all_reduce, all_reduce_grads, clip_grad_norm, is_model_parallel_sharded, local
 from kollama.fingerprint import FingerprintMismatch, base_record, check_same_base
@@ -51,7 +51,7 @@ from kollama.train import optim
 from kollama.train.config import ConfigError, TrainConfig, resume_differences
 from kollama.train.plan import build_epoch_plan
 from kollama.train.progress import Progress
-from kollama.train.run_folder import prepare_out_dir
+from kollama.train.run_folder import RunLog, prepare_out_dir
 from kollama.train.stages import build_plan
 from llama.device import select_device
 from llama.parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
