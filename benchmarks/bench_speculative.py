@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_decode import NoEos, load_model  # noqa: E402
+from bench_decode import NoEos, load_model, timed  # noqa: E402
 from llama.generation import Llama, TokenBatch  # noqa: E402
 from llama.quantize import quantize_model  # noqa: E402
 from llama.sampling import Sampler  # noqa: E402
@@ -52,15 +52,6 @@ def cpu_flags() -> str:
     except (OSError, StopIteration):
         return "?"
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
-
-
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run_shape(shape: str, tokens: int, ks, n_prompts: int) -> list:
@@ -88,12 +79,12 @@ def run_shape(shape: str, tokens: int, ks, n_prompts: int) -> list:
         return out
 
     want = plain_run()  # warm-up, and the reference ids
-    t_plain = best_time(plain_run, repeat)
+    t_plain = timed(plain_run, repeat)
     rows = []
     for k in ks:
         stats = {}
         same = spec_run(k, stats) == want
-        t_spec = best_time(lambda: spec_run(k), repeat)
+        t_spec = timed(lambda: spec_run(k), repeat)
         n = tokens * len(prompts)
         rows.append(dict(shape=f"{shape} ({kind})", k=k, accept=stats["accepted"] / stats["proposed"],
                          per_round=n / stats["rounds"], plain=n / t_plain, spec=n / t_spec, speedup=t_plain / t_spec,

@@ -143,6 +143,12 @@ def _sibling(path: Path, suffix: str) -> Path:
     return out if out != path else path.with_name(path.stem + ".converted" + suffix)
 
 
+def iconv_command(path: Path, encoding: str) -> str:
+    """The shell command that converts ``path`` from ``encoding`` to a UTF-8 copy beside it."""
+    return (f"iconv -f {encoding} -t utf-8 {shlex.quote(str(path))} > "
+            f"{shlex.quote(str(_sibling(path, '.utf8' + path.suffix)))}")
+
+
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """The text of a data file decoded with ``encoding``, newlines as open() in text mode gives them. A UTF-8 file
     may start with a BOM (Windows editors write one; utf-8-sig). Every failure is one DataError line: an unreadable
@@ -166,7 +172,7 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         bad = e
     line = _universal_newlines(raw[:bad.start].decode(codec, errors="replace")).count("\n") + 1
     where = f"{path}:{line}: not valid {encoding} (byte 0x{raw[bad.start]:02X})"
-    guess = _guess_encoding(raw, codec)
+    guess = guess_encoding(raw, codec)
     if guess == "utf-8":
         raise DataError(f"{where}; the file is valid UTF-8: drop --encoding {encoding} (utf-8 is the default)")
     why, name = {"utf-16": ("it starts with a UTF-16 byte-order mark (Windows 'Unicode' text)", "utf-16"),
@@ -174,11 +180,10 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
                  None: ("", "ENCODING")}[guess]
     option = f"pass --encoding {name}" if guess else "pass the file's encoding with --encoding (e.g. --encoding cp949)"
     raise DataError(f"{where}; {why + ': ' if why else ''}{option}, or convert it to UTF-8 once with: "
-                    f"iconv -f {name} -t utf-8 {shlex.quote(str(path))} > "
-                    f"{shlex.quote(str(_sibling(path, '.utf8' + path.suffix)))}")
+                    f"{iconv_command(path, name)}")
 
 
-def _guess_encoding(raw: bytes, failed: str) -> Optional[str]:
+def guess_encoding(raw: bytes, failed: str) -> Optional[str]:
     """What a file that did not decode as ``failed`` probably is: utf-8 if it decodes as UTF-8, utf-16 if it starts
     with a UTF-16 BOM, cp949 (a superset of EUC-KR) if it decodes to Hangul (a few stray high bytes of another
     encoding can decode as CP949 by chance, Hangul rarely), else None."""

@@ -360,7 +360,7 @@ def _whole(value, flag: str, minimum: int = 1, unset: Optional[str] = None) -> N
         raise EvalError(f"{flag} must be {bound}{f' (or left out {unset})' if unset else ''}, got {value!r}")
 
 
-def check_options(task_list: Sequence[str], *, limit, k_shot, max_seq_len, batch_size, window, stride, max_gen_len,
+def check_settings(task_list: Sequence[str], *, limit, k_shot, max_seq_len, batch_size, window, stride, max_gen_len,
                   model_parallel_size, out, gen_out) -> None:
     """Every count names its flag, and the output paths can be written, before a model is loaded."""
     _whole(limit, "--limit", unset="to score every item")
@@ -423,7 +423,7 @@ def evaluate(ckpt_dir: str, tokenizer_path: str, tasks=DEFAULT_TASKS, out: str =
     task_list = expand_tasks(tasks)
     if template not in T.TEMPLATES:
         raise EvalError(f"--template must be one of {', '.join(T.TEMPLATES)}, got {template!r}")
-    check_options(task_list, limit=limit, k_shot=k_shot, max_seq_len=max_seq_len, batch_size=batch_size,
+    check_settings(task_list, limit=limit, k_shot=k_shot, max_seq_len=max_seq_len, batch_size=batch_size,
                   window=window, stride=stride, max_gen_len=max_gen_len, model_parallel_size=model_parallel_size,
                   out=out, gen_out=gen_out)
     # bpc and tokenizer can run on --text_files alone; every other task reads its files from --data_dir.

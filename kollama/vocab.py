@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -149,17 +148,16 @@ def iter_corpus_lines(path: PathLike, field: str = "text", max_lines: Optional[i
 def _not_text(path: Path, lineno: int, what: str) -> VocabError:
     """The error for a file that is not UTF-8 text, with the fix for what it seems to be (kollama.data's guess;
     a file with NUL bytes is binary unless it starts with a UTF-16 byte-order mark)."""
-    from kollama.data import _guess_encoding, _sibling
+    from kollama.data import guess_encoding, iconv_command
 
     raw = path.read_bytes()
-    guess = _guess_encoding(raw, "utf-8")
+    guess = guess_encoding(raw, "utf-8")
     encoding = guess if guess == "utf-16" or (guess == "cp949" and b"\0" not in raw) else None
     if encoding is None and b"\0" in raw:
         fix = "it is a binary file, not text: pass a UTF-8 text file (one text per line) or a .jsonl file"
     else:
-        fix = (f"{f'it looks like {encoding} text: ' if encoding else ''}convert it to UTF-8 once with: iconv -f "
-               f"{encoding or 'ENCODING'} -t utf-8 {shlex.quote(str(path))} > "
-               f"{shlex.quote(str(_sibling(path, '.utf8' + path.suffix)))}")
+        fix = (f"{f'it looks like {encoding} text: ' if encoding else ''}convert it to UTF-8 once with: "
+               f"{iconv_command(path, encoding or 'ENCODING')}")
     return VocabError(f"{path}:{lineno}: {what}; {fix}")
 
 

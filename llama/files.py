@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from llama.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 TMP_MARK = ".tmp-"  # temporary siblings are named .NAME.tmp-PID (files) or .NAME.tmp-XXXX (folders)
 
@@ -62,8 +64,6 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
     """Write ``path`` all or nothing through ``write_fn(tmp)``; see the module docstring."""
     path = Path(path)
     if not path.parent.is_dir():
-        from llama.errors import UserError
-
         raise UserError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     tmp = tmp_sibling(path)
     try:
@@ -124,8 +124,6 @@ def replace_folder(tmp: PathLike, dst: PathLike, old: Optional[PathLike] = None)
 def check_new_output(path: PathLike, flag: str, inputs=(), overwrite: bool = False) -> None:
     """Before any work, for a command that writes the file ``path``: it may never be one of the command's own
     ``inputs`` (that would destroy what it reads), and may replace an existing file only with ``--overwrite``."""
-    from llama.errors import UserError
-
     path = Path(path)
     for source in inputs:
         if os.path.realpath(path) == os.path.realpath(source):
@@ -141,8 +139,6 @@ def check_new_output(path: PathLike, flag: str, inputs=(), overwrite: bool = Fal
 def check_writable(path: PathLike, flag: str) -> None:
     """Before any work: ``path`` (a file or folder to create) can be written, i.e. its nearest existing ancestor
     is a folder this process may write into. Raises UserError naming ``flag`` (e.g. "--out")."""
-    from llama.errors import UserError
-
     path = Path(path).absolute()
     parent = path.parent
     while not parent.exists() and parent != parent.parent:

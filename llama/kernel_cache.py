@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from llama.errors import UserError
-from llama.files import atomic_write
+from llama.files import atomic_write, fsync_file
 
 CACHE_ENV = "LLAMA_KERNEL_CACHE"
 
@@ -99,8 +99,7 @@ def _build(so: Path, source: str, flags: Sequence[str], cc: str) -> None:
                        timeout=120)
         os.chmod(out, 0o700)  # the linker gives 0777 & ~umask: world-writable under umask 000
         data = out.read_bytes()
-        with open(out, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are durable before the name points at them
+        fsync_file(out)  # the bytes are durable before the name points at them
         os.replace(out, so)
 
     def write_digest(tmp: Path) -> None:

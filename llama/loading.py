@@ -78,9 +78,8 @@ def check_saved_tokenizer(ckpt_dir, tokenizer_path) -> None:
 def check_kv_cache_fits(args: ModelArgs, model_parallel_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """The KV cache (max_batch_size x max_seq_len per layer, this rank's kv heads) is allocated up front; say so
     when it cannot fit, instead of failing inside the allocator."""
-    n_kv = (args.n_kv_heads or args.n_heads) // model_parallel_size
-    nbytes = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_kv * (args.dim // args.n_heads)
-              * torch.empty((), dtype=dtype).element_size())
+    nbytes = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * (args.kv_heads // model_parallel_size)
+              * args.head_dim * torch.empty((), dtype=dtype).element_size())
     free = available_memory(device)
     if free is not None and nbytes > free:
         raise UserError(f"the KV cache needs {nbytes / 2**30:.1f} GiB (max_seq_len {args.max_seq_len} x "

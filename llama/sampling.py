@@ -26,23 +26,26 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise UserError(f"top_p must be a number in [0, 1], got {top_p!r}")
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose mass reaches p: a token is dropped when the
+def _top_p_sorted(probs: torch.Tensor, p: float):
+    """(the kept probabilities in descending order, renormalised; their token ids): a token is dropped when the
     mass of the tokens ranked before it already exceeds p."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort = probs_sort.masked_fill(mask, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > p, 0.0)
+    return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose mass reaches p (Meta's sample_top_p)."""
+    probs_sort, probs_idx = _top_p_sorted(probs, p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
 
 
 def top_p_distribution(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """The distribution ``sample_top_p`` draws from, in vocabulary order: the same tokens dropped, renormalised."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    kept = probs_sort.masked_fill(torch.cumsum(probs_sort, dim=-1) - probs_sort > p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, probs_idx, kept / kept.sum(dim=-1, keepdim=True))
+    """The distribution ``sample_top_p`` draws from, in vocabulary order."""
+    probs_sort, probs_idx = _top_p_sorted(probs, p)
+    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
 
 
 class Sampler:
