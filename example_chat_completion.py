@@ -37,7 +37,8 @@ def main(
         stream: print each reply as it is generated (one dialog at a time), instead of batched at the end.
         quantize: None, "int8", "int4" or "nf4" (weight-only, applied after loading).
         compile: torch.compile the decode step.
-        lora_path: a LoRA adapter folder (kollama.lora.save_adapter / kollama.train's adapter/), folded into the weights.
+        lora_path: a LoRA adapter folder (kollama.adapters.lora.save_adapter / kollama.train's adapter/), folded
+            into the weights.
         device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
         user: answer this message instead of Meta's demo dialogs (with --system as the system prompt).
         system: a system prompt for --user.

@@ -37,7 +37,8 @@ def main(
         stream: print each completion as it is generated (one prompt at a time), instead of batched at the end.
         quantize: None, "int8", "int4" or "nf4" (weight-only, applied after loading).
         compile: torch.compile the decode step.
-        lora_path: a LoRA adapter folder (kollama.lora.save_adapter / kollama.train's adapter/), folded into the weights.
+        lora_path: a LoRA adapter folder (kollama.adapters.lora.save_adapter / kollama.train's adapter/), folded
+            into the weights.
         device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
         prompt: continue this text instead of Meta's four demo prompts.
         draft: speculative decoding with "int8" (the model's own int8 copy) or a smaller checkpoint folder; used when

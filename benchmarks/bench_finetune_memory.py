@@ -13,13 +13,13 @@ torch (Linux carries a parent's RSS at fork into the child's ru_maxrss).
 Methods, all with AdamW (fp32 states) and the same random token batches:
 * full: every parameter trainable, fp32;
 * lora: frozen base (fp32 on CPU, bf16 on CUDA), LoRA r=8, alpha=16 on wq wk wv wo w1 w2 w3;
-* qlora: the same with those seven linears stored as NF4 (kollama.qlora.quantize_base_nf4); embedding, norms and
-  output dense.
+* qlora: the same with those seven linears stored as NF4 (kollama.adapters.qlora.quantize_base_nf4); embedding,
+  norms and output dense.
 
 Reported per run: peak RSS above the child's baseline (interpreter + torch + llama/kollama imported, plus one
 forward/backward/AdamW step of a tiny model for lazy initialization; VmHWM is then reset via /proc/self/clear_refs),
 RSS after the model is built, tokens/s over the timed steps (after one warm-up step), and the analytic bytes of
-weights, gradients and optimizer states (kollama.qlora.memory_accounting). On CUDA the peak is
+weights, gradients and optimizer states (kollama.adapters.qlora.memory_accounting). On CUDA the peak is
 torch.cuda.max_memory_allocated instead. On a shared CPU use --threads 1: spinning OpenMP threads on busy cores
 make tokens/s swing by 10x.
 """
@@ -61,8 +61,8 @@ def child(method: str, shape: str, steps: int, batch: int, seq_len: int, device:
     import torch
     import torch.nn.functional as F
 
-    from kollama.lora import apply_lora, trainable_parameters
-    from kollama.qlora import memory_accounting, quantize_base_nf4
+    from kollama.adapters.lora import apply_lora, trainable_parameters
+    from kollama.adapters.qlora import memory_accounting, quantize_base_nf4
     from llama.model import ModelArgs, Transformer
 
     torch.set_num_threads(threads)
@@ -158,7 +158,7 @@ def child(method: str, shape: str, steps: int, batch: int, seq_len: int, device:
     acct = memory_accounting(model, optimizer)
     result["accounting_mb"] = {k: v / MB for k, v in acct.items()}
     if method == "qlora":
-        from kollama.nf4 import bits_per_parameter
+        from kollama.adapters.nf4 import bits_per_parameter
 
         result["bits_per_parameter"] = bits_per_parameter(model)
     return result
@@ -170,7 +170,7 @@ def analytic_7b() -> dict:
     block = layers * (4 * dim * dim + 3 * dim * ffn)
     dense_rest = 2 * vocab * dim + (2 * layers + 1) * dim
     lora = layers * LORA["r"] * (4 * 2 * dim + 3 * (dim + ffn))
-    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)  # per parameter, large layers (kollama.nf4 storage)
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)  # per parameter, large layers (kollama.adapters.nf4 storage)
     gb = 1e9
     return {
         "lora_bf16": (2 * (block + dense_rest) + 16 * lora) / gb,
@@ -256,7 +256,7 @@ def main() -> None:
             f"process. Peak = VmHWM above the child's baseline (interpreter + torch + llama/kollama imports + a "
             f"tiny warm-up step), "
             f"which includes activations and allocator slack; the last columns count tensors only "
-            f"(kollama.qlora.memory_accounting: weights, fp32 gradients, AdamW states).\n",
+            f"(kollama.adapters.qlora.memory_accounting: weights, fp32 gradients, AdamW states).\n",
             *lines,
             "",
             f"GPU (Llama-2-7B, bf16): not measured here (no GPU for this task; the script supports `--device cuda "

@@ -1,4 +1,5 @@
-"""LoRA training speed and peak memory: kollama.lora on llama.model against transformers + peft, same model.
+"""LoRA training speed and peak memory: kollama.adapters.lora on llama.model against transformers + peft, same
+model.
 
     python benchmarks/bench_lora_train.py [--shapes stories15M,110M] [--batch 4] [--seq 256] [--warmup 1]
         [--steps stories15M:8,110M:3] [--mem_steps 2] [--threads 2] [--results benchmarks/RESULTS.md] [--profile]
@@ -97,11 +98,11 @@ def build(fw: str, wdir: Path, a):
     torch.manual_seed(0)
     if fw == "ours":
         from safetensors.torch import load_file
-        from kollama import lora as L
+        from kollama.adapters import lora as L
         from kollama.train import clip_grad_norm, token_loss
         from llama.model import ModelArgs, Transformer
 
-        # As kollama.loading.load_model: meta-device model, tensors assigned, buffers allocated.
+        # As kollama.train.loading.load_model: meta-device model, tensors assigned, buffers allocated.
         model = Transformer(ModelArgs(**p, max_batch_size=1), device="meta", dtype=torch.float32)
         model.load_state_dict(load_file(str(wdir / "meta.safetensors")), strict=True, assign=True)
         model.init_buffers(torch.device("cpu"), torch.float32)
@@ -154,7 +155,7 @@ def worker(a) -> None:
     torch.set_num_threads(a.threads)
     fws = ("ours", "peft") if a.worker == "both" else (a.worker,)
     if "ours" in fws:
-        import kollama.lora, kollama.train, llama.model, safetensors.torch  # noqa: E401,F401
+        import kollama.adapters.lora, kollama.train, llama.model, safetensors.torch  # noqa: E401,F401
     if "peft" in fws:
         import peft, transformers  # noqa: E401,F401
     # torch's first op pays a one-time ~66 MB runtime initialisation; importing transformers already ran ops and

@@ -25,7 +25,7 @@ default = 60 x 8, 20 translation steps, --limit 200.
 A method whose CLI fails a smoke test (a 2-step run) is left out and listed as "not run: <error>".
 
 Fine-tuning data (exactly): NSMC train lines 20,001.. (1-based), reviews with rating <= 4 (-> "부정") or >= 9
-(-> "긍정"; 5-8 dropped, as kollama.tasks.read_nsmc does), the first STEPS x MICRO of them, as KULLM instructions
+(-> "긍정"; 5-8 dropped, as kollama.eval.tasks.read_nsmc does), the first STEPS x MICRO of them, as KULLM instructions
 {"instruction": "다음 영화 리뷰의 감정을 분류하세요. 긍정 또는 부정으로 답하세요.", "input": REVIEW, "output": LABEL},
 trained with --template kullm --train_on_inputs (every token of prompt, review and label is a target: the reviews
 are the Korean text the model learns from), cutoff 512 tokens, no packing.
@@ -351,9 +351,9 @@ def _trainable_params(stdout: str, cfg: dict, trained: Path):
 
 
 def _nsmc_positive_share(s: dict):
-    """Share of positive labels among the NSMC dev items the evaluation used (kollama.tasks.read_nsmc, --limit)."""
+    """Share of positive labels among the NSMC dev items the evaluation used (kollama.eval.tasks.read_nsmc, --limit)."""
     try:
-        from kollama.tasks import read_nsmc
+        from kollama.eval.tasks import read_nsmc
 
         items = read_nsmc(Path(s["data_dir"]) / "korean" / "nsmc_dev.jsonl", [])[: s["eval_limit"]]
         return sum(it.gold for it in items) / len(items)

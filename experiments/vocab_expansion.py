@@ -12,7 +12,7 @@ Fair budget = equal optimizer steps AND equal training characters: both arms tra
 lines in the same number of steps (max_steps); the micro batch of each arm is its number of packed blocks // steps
 (the expanded tokenizer needs fewer tokens for the same text, so it gets fewer, equally long blocks per step).
 Tokens per step therefore differ; characters per step are equal up to the < 1 step of blocks left at the end.
-Metric: bits per character (kollama.evaluate.bits_per_char: comparable across tokenizers) on held-out NSMC dev
+Metric: bits per character (kollama.eval.evaluate.bits_per_char: comparable across tokenizers) on held-out NSMC dev
 reviews and UD Korean KAIST sentences, before and after; the training log's held-out curve is on NSMC dev.
 """
 from __future__ import annotations
@@ -28,24 +28,28 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kollama import data as D  # noqa: E402
-from kollama import vocab  # noqa: E402
-from kollama.evaluate import bits_per_char  # noqa: E402
-from kollama.resize import resize  # noqa: E402
+from kollama.data import rows as D  # noqa: E402
+from kollama.eval.evaluate import bits_per_char  # noqa: E402
 from kollama.train import train  # noqa: E402
+from kollama.vocab.corpus import read_corpus  # noqa: E402
+from kollama.vocab.merge import merge  # noqa: E402
+from kollama.vocab.resize import resize  # noqa: E402
+from kollama.vocab.stats import stats_table, tokenizer_stats  # noqa: E402
+from kollama.vocab.train import train as train_tokenizer  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.convert import llama2c  # noqa: E402
+from llama.files import atomic_write_bytes  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 BLOCK = 256
 
 
 def lines_of(path: Path, n: int, skip: int = 0) -> list:
-    return vocab.read_corpus([str(path)], "text")[skip:skip + n]
+    return read_corpus([str(path)], "text")[skip:skip + n]
 
 
 def write_lines(path: Path, lines) -> Path:
-    vocab.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 
@@ -75,12 +79,12 @@ def main(fixtures: str = os.environ.get("LLAMA_TEST_DATA", "/work/shared/fixture
                "ud_ko_kaist_dev": lines_of(fx / "korean/ud_ko_kaist_dev.txt", heldout_lines)}
     write_lines(w / "heldout_nsmc.txt", heldout["nsmc_dev"])
 
-    vocab.train(ko_text, out=w / "ko.model", vocab_size=ko_vocab, character_coverage=0.995)
-    merge_info = vocab.merge(tok512, w / "ko.model", w / "tok512_ko.model")
+    train_tokenizer(ko_text, out=w / "ko.model", vocab_size=ko_vocab, character_coverage=0.995)
+    merge_info = merge(tok512, w / "ko.model", w / "tok512_ko.model")
     base_ckpt = Path(llama2c(str(fx / "stories260K.bin"), str(w / "stories260K"), tokenizer=str(tok512),
                              overwrite=True))
     resize_info = resize(base_ckpt, w / "tok512_ko.model", w / "stories260K_ko", old_tokenizer=tok512, overwrite=True)
-    tok_rows = [vocab.tokenizer_stats(t, heldout["nsmc_dev"]) for t in (tok512, w / "tok512_ko.model")]
+    tok_rows = [tokenizer_stats(t, heldout["nsmc_dev"]) for t in (tok512, w / "tok512_ko.model")]
     for r, name in zip(tok_rows, ("tok512", "tok512+Korean")):
         r["tokenizer"] = name
 
@@ -153,11 +157,11 @@ CPU, torch {torch.__version__}). Command (repository root, `LLAMA_TEST_DATA` or 
   text), expanded on {e['steps'] * e['micro_batch']}/{e['blocks']} ({e['steps'] * e['micro_batch'] / e['blocks']:.1%}),
   so the characters are equal to within that margin, in the base arm's favour. The expanded arm does less compute
   per step for the same text.
-* Metric: held-out bits per character (`kollama.evaluate.bits_per_char`, window {BLOCK}) on the first 200 lines of
+* Metric: held-out bits per character (`kollama.eval.evaluate.bits_per_char`, window {BLOCK}) on the first 200 lines of
   NSMC dev and of UD Korean KAIST dev, before and after training (merged model).
 
-## Tokenizers on the NSMC dev lines (`kollama.vocab.tokenizer_stats`)
-{vocab.stats_table(tok_rows)}
+## Tokenizers on the NSMC dev lines (`kollama.vocab.stats.tokenizer_stats`)
+{stats_table(tok_rows)}
 
 ## Held-out bits per character
 | arm | held-out | before | after | change |
@@ -183,7 +187,7 @@ could narrow the gap. One seed on a 260K-parameter
 model trained on English stories, a few minutes of CPU: it shows the pipeline works and the direction at this
 scale, not what a 7B model would do.
 """
-    vocab.atomic_write_bytes(out, text.encode("utf-8"))
+    atomic_write_bytes(out, text.encode("utf-8"))
     print(f"wrote {out}")
 
 

@@ -1,7 +1,7 @@
 """Build a ``llama.Llama`` with a LoRA adapter and/or NF4 weights: the kollama side of ``Llama.build``.
 
-``llama`` never imports ``kollama``, so adapters are applied here, by ``kollama.adapter.apply_adapter`` (the same
-call ``kollama.evaluate --lora_path`` makes): the adapter's recorded base and tokenizer are checked against
+``llama`` never imports ``kollama``, so adapters are applied here, by ``kollama.adapters.adapter.apply_adapter``
+(the same call ``kollama.evaluate --lora_path`` makes): the adapter's recorded base and tokenizer are checked against
 ``ckpt_dir`` / ``tokenizer_path``, a QLoRA adapter is folded onto dequant(NF4(W)) as it was trained, and the update
 is folded into dense weights, so generation then costs exactly what the base model costs. Quantization, if asked
 for, runs after that fold, so the quantized weights are those of the adapted model.
@@ -12,14 +12,14 @@ from typing import Optional
 
 from llama import Llama
 from llama.quantize import quantize_model
-from kollama import nf4
-from kollama.adapter import apply_adapter
+from kollama.adapters import nf4
+from kollama.adapters.adapter import apply_adapter
 
 
 def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
           model_parallel_size: Optional[int] = None, seed: int = 1, *, lora_path: Optional[str] = None,
           quantize: Optional[str] = None, allow_base_mismatch: bool = False, **build_kwargs) -> Llama:
-    """``Llama.build`` plus ``lora_path`` (a folder written by ``kollama.lora.save_adapter`` or the trainer's
+    """``Llama.build`` plus ``lora_path`` (a folder written by ``kollama.adapters.lora.save_adapter`` or the trainer's
     ``adapter/``) and ``quantize`` in "int8", "int4" or "nf4". ``allow_base_mismatch`` turns an adapter recorded
     for another base model or tokenizer from an error into a warning. Other keywords go to ``Llama.build``."""
     if quantize == "nf4":

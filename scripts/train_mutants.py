@@ -5,7 +5,8 @@ training tests fail on each (issue: "a test that only compares the code with its
 
 Each mutant is (name, file, exact old text, new text); the old text must occur exactly once, so a refactor that
 moves the code makes this script fail loudly instead of testing nothing. The copy is a ``git worktree`` of HEAD
-plus the working tree's changed and new (not ignored) files, under a temporary folder; the repository is never edited.
+plus the working tree's changes against HEAD, staged or not (changed, new and removed files; not ignored ones), under
+a temporary folder; the repository is never edited.
 Prints one line per mutant: KILLED (with the first failing test) or SURVIVED. Exit code 1 if any survived.
 Needs LLAMA_TEST_DATA for the real-data reference test (tests/test_train_reference.py).
 """
@@ -21,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE, OPTIM, DATA, LORA = "kollama/train/recipe.py", "kollama/train/optim.py", "kollama/data.py", "kollama/lora.py"
+RECIPE, OPTIM = "kollama/train/recipe.py", "kollama/train/optim.py"
+DATA, LORA = "kollama/data/rows.py", "kollama/adapters/lora.py"
 
 MUTANTS = [
     ("no cosine decay", OPTIM,
@@ -82,12 +84,16 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), "HEAD"], cwd=ROOT, check=True)
     survived = []
     try:
-        changed = subprocess.run(["git", "ls-files", "--modified", "--others", "--exclude-standard"], cwd=ROOT,
-                                 check=True, capture_output=True, text=True).stdout.split()
-        for rel in changed:  # the working tree's current versions of changed and new files
+        changed = [rel for cmd in (["diff", "--name-only", "--no-renames", "HEAD"],  # staged or not; a move is
+                                   ["ls-files", "--others", "--exclude-standard"])  # two paths: removed + added
+                   for rel in subprocess.run(["git", *cmd], cwd=ROOT, check=True, capture_output=True,
+                                             text=True).stdout.splitlines()]
+        for rel in changed:  # the working tree's current versions of changed and new files; removed ones removed
             if (ROOT / rel).is_file():
                 (tree / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / rel, tree / rel)
+            elif (tree / rel).is_file():
+                (tree / rel).unlink()
         for name, path, old, new in chosen:
             original = (tree / path).read_text()
             apply(tree, path, old, new)

@@ -57,7 +57,7 @@ def random_model(args: ModelArgs, seed: int = 0, std: float = 0.2) -> Transforme
 
 def randomize_lora(model, seed: int = 0, std: float = 0.05):
     """Non-zero B (and perturbed A), so both LoRA factors get gradients and a merge moves the weights."""
-    from kollama.lora import lora_layers
+    from kollama.adapters.lora import lora_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

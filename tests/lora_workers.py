@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from helpers import set_dist_env
-from kollama.lora import (
+from kollama.adapters.lora import (
     apply_lora,
     gather_lora_state_dict,
     load_adapter,

@@ -3,8 +3,8 @@ import torch
 import torch.distributed as dist
 
 from helpers import set_dist_env
-from kollama.lora import load_adapter
-from kollama.qlora import quantize_base_nf4
+from kollama.adapters.lora import load_adapter
+from kollama.adapters.qlora import quantize_base_nf4
 from llama.checkpoint import split_tensor
 from llama.model import ModelArgs, Transformer
 from llama.parallel import (ParallelLinear, destroy_model_parallel, get_model_parallel_group,

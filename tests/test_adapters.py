@@ -1,6 +1,6 @@
 """Adapters mean what they say: a QLoRA adapter is applied over dequant(NF4(W)) as trained, by inference and by
-evaluation alike (kollama.adapter.apply_adapter), and adapters record the base model and tokenizer they belong to
-(kollama.fingerprint), whatever format that base is stored in."""
+evaluation alike (kollama.adapters.adapter.apply_adapter), and adapters record the base model and tokenizer they
+belong to (kollama.adapters.fingerprint), whatever format that base is stored in."""
 import io
 import json
 from pathlib import Path
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from helpers import ENGLISH, random_model, randomize_lora, save_meta, tiny_args, train_tiny_tokenizer
-from kollama import evaluate as E
-from kollama.fingerprint import FingerprintMismatch, base_fingerprint, check_same_base, tokenizer_sha256
+from kollama.adapters.fingerprint import FingerprintMismatch, base_fingerprint, check_same_base, tokenizer_sha256
+from kollama.adapters.lora import LoRALinear, apply_lora, load_adapter, merge_and_unload, save_adapter
+from kollama.adapters.nf4 import NF4Linear
+from kollama.adapters.qlora import merged_dense_state
+from kollama.eval import evaluate as E
 from kollama.inference import build
-from kollama.loading import load_qlora_model
-from kollama.lora import LoRALinear, apply_lora, load_adapter, merge_and_unload, save_adapter
-from kollama.nf4 import NF4Linear
-from kollama.qlora import merged_dense_state
+from kollama.train.loading import load_qlora_model
 from llama import Llama
 from llama.checkpoint import reshard
 from llama.hf import meta_to_hf
@@ -57,8 +57,8 @@ def base(tmp_path_factory):
 
 
 def train_adapter(base, out: Path, nf4: bool, seed: int = 5):
-    """An adapter with non-zero B over the base as the trainer loads it (kollama.loading.load_qlora_model for
-    QLoRA: every block linear NF4), saved as kollama.checkpointing.write_outputs saves it. Returns (adapter dir,
+    """An adapter with non-zero B over the base as the trainer loads it (kollama.train.loading.load_qlora_model for
+    QLoRA: every block linear NF4), saved as kollama.train.checkpointing.write_outputs saves it. Returns (adapter dir,
     the training-time model, eval mode)."""
     if nf4:
         model, _, _ = load_qlora_model(base["ckpt"], Tokenizer(base["tok"]), 32, torch.device("cpu"), None)
@@ -165,7 +165,7 @@ def test_fingerprint_is_the_same_in_every_format(base, tmp_path):
 
 def test_fingerprint_reads_only_its_sample(base, tmp_path, monkeypatch):
     """Safetensors files are read with pread: the headers plus 4 blocks of 64 values per matrix, 64 per norm."""
-    import kollama.fingerprint as FP
+    import kollama.adapters.fingerprint as FP
 
     hf = meta_to_hf(base["ckpt"], tmp_path / "hf", show_progress=False)
     sizes = []

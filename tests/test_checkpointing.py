@@ -1,4 +1,4 @@
-"""kollama/checkpointing.py without the trainer: manifests and verification, resume that skips damaged checkpoints
+"""kollama/train/checkpointing.py without the trainer: manifests and verification, resume that skips damaged checkpoints
 (and keeps them), exact restore, a full disk that loses nothing (also on one rank of two), rotation, checkpoints of
 the previous format, quarantine of a diverged step, and metrics.jsonl repair."""
 import errno
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import free_port, random_model, set_dist_env, tiny_args
-from kollama import checkpointing as C
+from kollama.train import checkpointing as C
 from kollama.train.run_folder import RunLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,7 +229,7 @@ def test_checkpoint_of_the_previous_format_is_accepted(tmp_path, state, caplog):
     path = save(tmp_path, 2, state)
     (path / "manifest.json").unlink()  # the previous version wrote no manifest, and a scheduler.pt
     torch.save({"last_epoch": 2}, path / "scheduler.pt")
-    with caplog.at_level(logging.WARNING, logger="kollama.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="kollama.train.checkpointing"):
         assert C.verify_checkpoint(path, C.files_to_read(0, 0)) is None
     assert "written before manifests; not verified" in caplog.text
     assert C.find_resumable(tmp_path, C.files_to_read(0, 0)) == (path, [])

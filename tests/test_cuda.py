@@ -50,7 +50,7 @@ def test_greedy_generation_matches_cpu(tmp_path):
 
 
 def test_lora_gradients_match_cpu():
-    from kollama.lora import apply_lora
+    from kollama.adapters.lora import apply_lora
 
     grads = {}
     for device in ("cpu", "cuda"):
@@ -69,7 +69,7 @@ def test_lora_gradients_match_cpu():
 
 
 def test_int8_and_nf4_match_cpu():
-    from kollama.nf4 import dequantize_nf4, quantize_nf4
+    from kollama.adapters.nf4 import dequantize_nf4, quantize_nf4
     from llama.quantize import quantize_model
 
     outs = {}

@@ -1,5 +1,5 @@
-"""kollama.curriculum: stages run in order in one run, resume mid-stage is bit-exact, mixing follows the weights,
-and the translation builder writes both directions deterministically."""
+"""kollama.train.stages and kollama.data.curriculum: stages run in order in one run, resume mid-stage is
+bit-exact, mixing follows the weights, and the translation builder writes both directions deterministically."""
 import json
 import random
 from collections import Counter
@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import WORDS, short_lines, tiny_training_base
-from kollama import curriculum as C
-from kollama import data as D
 from kollama import train as T
+from kollama.data import curriculum as C
+from kollama.data import rows as D
+from kollama.train import stages as S
 
 
 
@@ -66,11 +67,11 @@ def test_stages_run_in_order_with_their_steps_and_lr(setup):
 
 
 def test_mixing_follows_the_weights_and_cycles_without_repeats():
-    assert C.shares(10, [2, 1]) == [7, 3] and C.shares(9, [1, 1, 1]) == [3, 3, 3] and sum(C.shares(7, [.3, .3])) == 7
+    assert S.shares(10, [2, 1]) == [7, 3] and S.shares(9, [1, 1, 1]) == [3, 3, 3] and sum(S.shares(7, [.3, .3])) == 7
     ex = lambda i: D.Example([1, i], [-100, i])  # noqa: E731
     a, b = [ex(i) for i in range(6)], [ex(100 + i) for i in range(30)]
-    st = C.Stage("s", 0, 0, 27, 9, [a, b], C.shares(36, [1, 1]), None, None, None)
-    plan = C.CurriculumPlan([st], [], global_batch=4, seed=0)
+    st = S.Stage("s", 0, 0, 27, 9, [a, b], S.shares(36, [1, 1]), None, None, None)
+    plan = S.CurriculumPlan([st], [], global_batch=4, seed=0)
     epoch = [r.input_ids[1] for k in range(9) for r in plan.rows_of(k, 0, 4)]
     assert sum(x < 100 for x in epoch) == 18  # weights 1:1 -> 18 rows from the 6-row dataset, each 3 times
     assert Counter(x for x in epoch if x < 100) == {i: 3 for i in range(6)}
@@ -118,9 +119,9 @@ def test_stage_file_errors(tmp_path):
     for doc, message in cases:
         (tmp_path / "s.json").write_text(json.dumps(doc))
         with pytest.raises(C.CurriculumError, match=message):
-            C.read_stages(tmp_path / "s.json")
+            S.read_stages(tmp_path / "s.json")
     (tmp_path / "s.json").write_text(json.dumps([{"datasets": ["d.txt"], "steps": 2}]))
-    (spec,) = C.read_stages(tmp_path / "s.json")
+    (spec,) = S.read_stages(tmp_path / "s.json")
     assert spec.datasets[0].path == str(tmp_path / "d.txt") and spec.steps == 2 and spec.name == "stage1"
 
 

@@ -1,4 +1,4 @@
-"""kollama.data: template layouts (ids and labels from hand-written prompt strings encoded with sentencepiece
+"""kollama.data.rows: template layouts (ids and labels from hand-written prompt strings encoded with sentencepiece
 directly), bad-row reporting, packing with a block-diagonal mask, batching, deterministic shuffling."""
 import io
 import json
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ENGLISH, random_model, tiny_args
-from kollama import data as D
+from kollama.data import rows as D
 from llama.tokenizer import Tokenizer
 
 KOREAN = ["아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.",

@@ -1,4 +1,4 @@
-"""kollama.data on bad input: every problem ends in one DataError line naming file:line and the fix (or, for one
+"""kollama.data.rows on bad input: every problem ends in one DataError line naming file:line and the fix (or, for one
 bad row, a ``file:line: why`` entry in DataStats.skipped), never a raw UnicodeDecodeError / KeyError / TypeError."""
 import json
 import pathlib
@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from helpers import ENGLISH, train_tiny_tokenizer
-from kollama import data as D
+from kollama.data import rows as D
 from llama.tokenizer import Tokenizer
 
 KO_ROWS = [{"instruction": "한국어 문장을 번역하세요.", "output": "번역한 문장입니다."},

@@ -1,5 +1,5 @@
-"""kollama.evaluate / kollama.tasks: log-likelihoods against independent references, bits per character, sliding
-windows, metrics, k-shot determinism, data readers and the CLI end to end.
+"""kollama.eval.evaluate / kollama.eval.tasks: log-likelihoods against independent references, bits per character,
+sliding windows, metrics, k-shot determinism, data readers and the CLI end to end.
 
 Reference for multiple choice: lm-evaluation-harness's HFLM on the transformers model built from the same weights
 (tests/helpers.hf_model), with the requests built from lm-eval's own kobest prompts (the BoolQ yaml template rendered
@@ -20,8 +20,8 @@ import torch
 
 from conftest import need
 from helpers import hf_model, random_model, save_meta, tiny_args
-from kollama import evaluate as E
-from kollama import tasks as T
+from kollama.eval import evaluate as E
+from kollama.eval import tasks as T
 from llama.tokenizer import Tokenizer
 
 BOOLQ_ROWS = [  # (paragraph, question, answer)
@@ -205,7 +205,7 @@ def test_mc_loglikelihoods_match_reference_real_rows(test_data, tmp_path):
     setup = {"dir": tmp_path, "spm": spm_path, "tok": tok, "args": args, "model": model,
              "ref": hf_model(model.state_dict(), args, args.ffn_hidden_dim)}
 
-    def raw(path, n):  # the TSV rows read independently of kollama.tasks (csv, literal tabs)
+    def raw(path, n):  # the TSV rows read independently of kollama.eval.tasks (csv, literal tabs)
         with open(path, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
     bq = raw(boolq_path, 2)

@@ -1,5 +1,5 @@
-"""kollama.train --fsdp (kollama/fsdp.py) on CPU processes (gloo): FSDP over 2 processes, and FSDP x model parallel
-over 4, give one process's losses and weights; each process stores its share of every weight and of AdamW's state
+"""kollama.train --fsdp (kollama/train/fsdp.py) on CPU processes (gloo): FSDP over 2 processes, and FSDP x model
+parallel over 4, give one process's losses and weights; each process stores its share of every weight and of AdamW's state
 (also uneven shares, over 3); resume is bit-exact; unsupported settings fail with a clear message."""
 import json
 from pathlib import Path
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import free_port, short_lines, tiny_training_base
 from kollama import train as T
-from kollama.fsdp import FSDPError
+from kollama.train.fsdp import FSDPError
 from llama.checkpoint import read_slice
 from llama.loading import open_checkpoint
 from train_workers import train_worker

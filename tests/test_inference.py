@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import random_model, save_meta, tiny_args, train_tiny_tokenizer
+from kollama.adapters.lora import LoRALinear, apply_lora, save_adapter
+from kollama.adapters.nf4 import NF4Linear
 from kollama.inference import build
-from kollama.lora import LoRALinear, apply_lora, save_adapter
-from kollama.nf4 import NF4Linear
 from llama import Llama
 
 ARGS = tiny_args(dim=64, n_heads=8, n_kv_heads=4, vocab_size=128)
@@ -69,7 +69,7 @@ def test_nf4_inference_equals_dense_dequantized_weights(setup):
 
 
 def test_adapter_then_nf4_quantizes_the_adapted_weights(setup):
-    from kollama.lora import merge_and_unload
+    from kollama.adapters.lora import merge_and_unload
 
     llama = build(setup["ckpt"], setup["tok"], 32, 2, device="cpu", lora_path=setup["adapter"], quantize="nf4")
     merged = random_model(ARGS, seed=4)

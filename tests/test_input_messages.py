@@ -6,11 +6,14 @@ import logging
 import pytest
 
 from helpers import ENGLISH, random_model, randomize_lora, save_meta, tiny_args, train_tiny_tokenizer
-from kollama import data as D
-from kollama import evaluate as E
-from kollama import vocab
-from kollama.adapter import apply_adapter
-from kollama.lora import apply_lora, load_adapter, save_adapter
+from kollama.adapters.adapter import apply_adapter
+from kollama.adapters.lora import apply_lora, load_adapter, save_adapter
+from kollama.data import rows as D
+from kollama.eval import evaluate as E
+from kollama.vocab.__main__ import main as vocab_main
+from kollama.vocab.common import load_model_proto
+from kollama.vocab.merge import merge
+from kollama.vocab.train import train as train_tokenizer
 from llama.errors import UserError, cli_errors
 from llama.tokenizer import Tokenizer
 
@@ -33,8 +36,8 @@ def toks(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     tok = train_tiny_tokenizer(d / "tok.model")
     (d / "ko.txt").write_text("\n".join(KOREAN * 20), encoding="utf-8")
-    vocab.train(d / "ko.txt", out=d / "ko.model", vocab_size=340, num_threads=1)
-    vocab.merge(tok, d / "ko.model", d / "merged.model")
+    train_tokenizer(d / "ko.txt", out=d / "ko.model", vocab_size=340, num_threads=1)
+    merge(tok, d / "ko.model", d / "merged.model")
     return {"tok": tok, "ko": d / "ko.model", "merged": d / "merged.model"}
 
 
@@ -43,7 +46,7 @@ def toks(tmp_path_factory):
 def test_merge_that_adds_no_piece_is_an_error_and_writes_nothing(tmp_path, toks, capsys):
     out = tmp_path / "out.model"
     for ko in (toks["tok"], toks["merged"]):  # no Hangul at all; every Korean piece already in the base
-        message = cli_error(vocab.main, ["merge", str(toks["merged"]), str(ko), str(out)], capsys)
+        message = cli_error(vocab_main, ["merge", str(toks["merged"]), str(ko), str(out)], capsys)
         assert f"Korean model {ko} adds no new piece to base model {toks['merged']}" in message
         assert "check that it was trained on Korean text" in message
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -53,11 +56,11 @@ def test_merge_that_adds_no_piece_is_an_error_and_writes_nothing(tmp_path, toks,
 
 def test_stats_on_a_binary_or_non_utf8_file_names_file_line_and_fix(tmp_path, toks, capsys):
     model = str(toks["tok"])
-    message = cli_error(vocab.main, ["stats", model, "--text", model], capsys)  # a .model file as the text
+    message = cli_error(vocab_main, ["stats", model, "--text", model], capsys)  # a .model file as the text
     assert message.startswith(f"{model}:") and "NUL byte" in message and "binary file, not text" in message
     cp949 = tmp_path / "ko.txt"
     cp949.write_bytes("plain english\n".encode() + "\n".join(KOREAN).encode("cp949"))
-    message = cli_error(vocab.main, ["stats", model, "--text", str(cp949)], capsys)
+    message = cli_error(vocab_main, ["stats", model, "--text", str(cp949)], capsys)
     assert message.startswith(f"{cp949}:2: not valid UTF-8")
     assert f"iconv -f cp949 -t utf-8 {cp949} > {tmp_path / 'ko.utf8.txt'}" in message
 
@@ -117,12 +120,12 @@ def test_resize_blames_the_old_tokenizer_when_it_is_the_wrong_one(tmp_path, toks
     ckpt = save_meta(random_model(tiny_args(vocab_size=128)), tmp_path / "ckpt", extra_files=[toks["tok"]])
     new, old = {"another tokenizer": (toks["merged"], toks["ko"]), "swapped": (toks["tok"], toks["merged"]),
                 "missing": (toks["merged"], tmp_path / "nope.model")}[case]
-    message = cli_error(vocab.main, ["resize", str(ckpt), str(new), str(tmp_path / "out"), "--old_tokenizer",
+    message = cli_error(vocab_main, ["resize", str(ckpt), str(new), str(tmp_path / "out"), "--old_tokenizer",
                                      str(old)], capsys)
     if case == "missing":
         assert message.startswith(f"--old_tokenizer {old} does not exist")
     else:
-        n_old = len(vocab.load_model_proto(old).pieces)
+        n_old = len(load_model_proto(old).pieces)
         assert f"tok_embeddings.weight of {ckpt} has 128 rows but the old tokenizer has {n_old} pieces" in message
         assert f"so --old_tokenizer {old} is not the tokenizer this checkpoint was trained with" in message
         assert "new tokenizer" not in message

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,21 +47,22 @@ def test_imports_change_no_global_state():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_no_import_cycles_inside_llama():
-    """Module-level and function-level imports alike: llama's modules form a DAG (``from llama import x`` of a
-    submodule counts as an import of that submodule, not of the package)."""
+@pytest.mark.parametrize("package", ["llama", "kollama"])
+def test_no_import_cycles(package):
+    """Module-level and function-level imports alike: the modules of llama, and those of kollama, form a DAG
+    (``from llama import x`` of a submodule counts as an import of that submodule, not of the package)."""
     modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in (ROOT / "llama").rglob("*.py")}
+               for p in (ROOT / package).rglob("*.py")}
     graph = {m: set() for m in modules}
     for m, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "llama":
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
                 subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
                 graph[m] |= subs or {node.module}
             elif isinstance(node, ast.Import):
                 graph[m] |= {a.name for a in node.names if a.name in modules}
-    if "llama" in graph:
-        graph["llama"] = set()  # the package's __init__ only re-exports; every import passes through it anyway
+    if package in graph:
+        graph[package] = set()  # the package's __init__ only re-exports; every import passes through it anyway
     state = {}
 
     def visit(m, path):

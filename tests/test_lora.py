@@ -1,5 +1,5 @@
-"""kollama.lora: identity at init, merge/unmerge, adapter files, model parallelism on 2 gloo processes, equality
-with transformers + peft (an implementation we did not write), and LoRA over an NF4 base."""
+"""kollama.adapters.lora: identity at init, merge/unmerge, adapter files, model parallelism on 2 gloo processes,
+equality with transformers + peft (an implementation we did not write), and LoRA over an NF4 base."""
 import json
 import math
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import _permute_for_hf, free_port, hf_model, random_model, randomize_lora, tiny_args
-from kollama.lora import (
+from kollama.adapters.lora import (
     TARGETS,
     LoRALinear,
     apply_lora,
@@ -26,7 +26,7 @@ from kollama.lora import (
     trainable_parameters_report,
     unmerge_lora,
 )
-from kollama.nf4 import NF4Linear
+from kollama.adapters.nf4 import NF4Linear
 from lora_workers import INIT_SEED, TOKENS, TP_LORA, TP_TARGETS, lora_tp_worker, train_step
 from llama.parallel import ColumnParallelLinear, ParallelLinear
 

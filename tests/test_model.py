@@ -107,7 +107,7 @@ def test_no_cache_path_trains():
 
 
 def test_replaced_local_linear_keeps_the_layer_working():
-    from kollama.nf4 import NF4Linear
+    from kollama.adapters.nf4 import NF4Linear
 
     model = random_model(tiny_args(dim=64, n_heads=8, n_kv_heads=4))
     tokens = torch.randint(0, 128, (1, 5))

@@ -1,4 +1,4 @@
-"""Tests of kollama.nf4: agreement with torchao's NF4Tensor, error bounds, special values, NF4Linear."""
+"""Tests of kollama.adapters.nf4: agreement with torchao's NF4Tensor, error bounds, special values, NF4Linear."""
 import importlib
 import io
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kollama.nf4 import (
+from kollama.adapters.nf4 import (
     BLOCK_SIZE,
     NF4_CODE_BOOK,
     SCALE_BLOCK_SIZE,

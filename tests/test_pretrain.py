@@ -1,4 +1,4 @@
-"""Continued pretraining (kollama/pretrain.py via kollama.train): trainable sets, the row mask that keeps old
+"""Continued pretraining (kollama/train/pretrain.py via kollama.train): trainable sets, the row mask that keeps old
 embedding rows bit-identical (also under 2-way model parallelism), held-out bits/char in metrics.jsonl, long
 documents split instead of truncated, and (with LLAMA_TEST_DATA) stories260K + a Korean-expanded tok512 whose
 held-out bits/char falls on NSMC."""
@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 
 from conftest import need
 from helpers import ENGLISH, free_port, tiny_training_base
-from kollama import data as D
 from kollama import train as T
-from kollama.evaluate import bits_per_char
-from kollama.pretrain import PretrainError
+from kollama.data import rows as D
+from kollama.eval.evaluate import bits_per_char
 from kollama.train import ConfigError
+from kollama.train.pretrain import PretrainError
 from llama import Llama
 from llama.checkpoint import read_slice
 from llama.loading import open_checkpoint
@@ -62,7 +62,7 @@ def test_embeddings_set_keeps_old_rows_bit_identical(setup):
     saved = json.loads((setup["root"] / "emb/config.json").read_text())
     assert (saved["trainable"], saved["new_rows_from"], saved["method"], saved["template"]) == \
         ("embeddings", NEW, "full", "text")
-    # bits/char at step 0 and at the end, logged and equal to kollama.evaluate's on the written model
+    # bits/char at step 0 and at the end, logged and equal to kollama.eval.evaluate's on the written model
     m = [json.loads(x) for x in (setup["root"] / "emb/metrics.jsonl").read_text().splitlines()]
     bpc = [(r["step"], r["heldout_bpc"]) for r in m if "heldout_bpc" in r]
     assert [st for st, _ in bpc] == [0, 4] and bpc == s["heldout_bpc"] and bpc[1][1] < bpc[0][1]
@@ -127,14 +127,16 @@ def test_stories260k_expanded_vocab_pretraining_lowers_heldout_bpc(test_data, tm
     pretraining (lora+embeddings) on NSMC text; bits/char on NSMC dev reviews goes down."""
     model_bin, tok, nsmc, nsmc_dev = need(test_data, "stories260K.bin", "tok512.model", "korean/nsmc_train.jsonl",
                                           "korean/nsmc_dev.jsonl")
-    from kollama import vocab
-    from kollama.resize import resize
+    from kollama.vocab.merge import merge
+    from kollama.vocab.resize import resize
+    from kollama.vocab.train import train as train_tokenizer
     from llama.convert import llama2c
 
     texts = [json.loads(x)["text"] for x in nsmc.read_text(encoding="utf-8").splitlines()[:3000]]
     (tmp_path / "ko.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    vocab.train(tmp_path / "ko.txt", out=tmp_path / "ko.model", vocab_size=1500, character_coverage=0.99, num_threads=1)
-    info = vocab.merge(tok, tmp_path / "ko.model", tmp_path / "merged.model")
+    train_tokenizer(tmp_path / "ko.txt", out=tmp_path / "ko.model", vocab_size=1500, character_coverage=0.99,
+                    num_threads=1)
+    info = merge(tok, tmp_path / "ko.model", tmp_path / "merged.model")
     assert info["added"] > 100
     base = llama2c(str(model_bin), str(tmp_path / "s260"), tokenizer=str(tok))
     resize(base, tmp_path / "merged.model", tmp_path / "s260ko", old_tokenizer=tok)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from helpers import free_port, random_model, randomize_lora, short_lines, tiny_args, tiny_training_base
 from kollama import train as T
-from kollama.lora import TARGETS, apply_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
-from kollama.nf4 import NF4Linear
-from kollama.qlora import BLOCK_LINEARS, expected_bits_per_parameter, memory_accounting, quantize_base_nf4
+from kollama.adapters.lora import TARGETS, apply_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
+from kollama.adapters.nf4 import NF4Linear
+from kollama.adapters.qlora import BLOCK_LINEARS, expected_bits_per_parameter, memory_accounting, quantize_base_nf4
 from llama import Llama
 from llama.checkpoint import split_tensor
 from llama.model import Transformer
@@ -217,7 +217,7 @@ def test_bits_per_parameter_follow_the_formula():
     assert hidden == 768
     shapes = [(256, 256)] * 4 + [(hidden, 256), (256, hidden), (hidden, 256)]
     # Per weight of N values: 4 bits per code, 8 bits per 64-block int8 scale, a 32-bit factor per 256 scales,
-    # one 32-bit mean. (Written out here rather than calling kollama.qlora, to check it independently.)
+    # one 32-bit mean. (Written out here rather than calling kollama.adapters.qlora, to check it independently.)
     bits = sum(4 * o * i + 8 * (o * i // 64) + 32 * math.ceil(o * i / 64 / 256) + 32 for o, i in shapes)
     expected = bits / sum(o * i for o, i in shapes)
     print(f"NF4 bits/param: measured {report['bits_per_parameter']:.5f}, formula {expected:.5f}; "

@@ -1,10 +1,10 @@
-"""kollama.report: the Markdown table and the charts from two fake runs."""
+"""kollama.eval.report: the Markdown table and the charts from two fake runs."""
 import json
 import sys
 
 import pytest
 
-from kollama import report as R
+from kollama.eval import report as R
 
 
 def _fake_runs(tmp_path):
@@ -85,7 +85,7 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_method_label_and_wall_time_format(tmp_path):
-    from kollama.report import load_run, markdown_table
+    from kollama.eval.report import load_run, markdown_table
 
     run = tmp_path / "vocab"
     run.mkdir()

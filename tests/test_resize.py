@@ -6,8 +6,11 @@ import torch
 from sentencepiece import SentencePieceProcessor
 
 from helpers import ENGLISH, random_model, save_meta, tiny_args
-from kollama import vocab
-from kollama.resize import resize
+from kollama.vocab.__main__ import main as vocab_main
+from kollama.vocab.common import VocabError
+from kollama.vocab.merge import merge
+from kollama.vocab.resize import resize
+from kollama.vocab.train import train as train_tokenizer
 from llama.checkpoint import open_shards, read_params, read_slice
 from llama.model import ModelArgs, Transformer
 
@@ -20,9 +23,9 @@ def tokenizers(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     (d / "en.txt").write_text("\n".join(ENGLISH * 20))
     (d / "ko.txt").write_text("\n".join(KOREAN * 20))
-    vocab.train(d / "en.txt", out=d / "tokenizer.model", vocab_size=300)  # byte fallback: Hangul -> <0xNN> pieces
-    vocab.train(d / "ko.txt", out=d / "ko.model", vocab_size=340)
-    vocab.merge(d / "tokenizer.model", d / "ko.model", d / "merged.model")
+    train_tokenizer(d / "en.txt", out=d / "tokenizer.model", vocab_size=300)  # byte fallback: Hangul -> <0xNN> pieces
+    train_tokenizer(d / "ko.txt", out=d / "ko.model", vocab_size=340)
+    merge(d / "tokenizer.model", d / "ko.model", d / "merged.model")
     return d / "tokenizer.model", d / "merged.model"
 
 
@@ -80,7 +83,7 @@ def test_resize_keeps_old_rows_and_initialises_new_ones(tmp_path, tokenizers, mp
 
 
 def _old_split(old_tok, piece):
-    from kollama.resize import _processor_without_dummy_prefix
+    from kollama.vocab.resize import _processor_without_dummy_prefix
 
     return _processor_without_dummy_prefix(old_tok).encode(piece.replace("▁", " "))
 
@@ -89,9 +92,9 @@ def test_resize_refuses_a_tokenizer_that_does_not_extend_the_old_one(tmp_path, t
     old_tok, _ = tokenizers
     model = random_model(tiny_args(vocab_size=340), seed=2)
     ckpt = save_meta(model, tmp_path / "old", extra_files=[old_tok.parent / "ko.model"])
-    with pytest.raises(vocab.VocabError, match="holds no tokenizer.model"):
+    with pytest.raises(VocabError, match="holds no tokenizer.model"):
         resize(ckpt, old_tok, tmp_path / "new")
-    with pytest.raises(vocab.VocabError, match="extends the old one"):
+    with pytest.raises(VocabError, match="extends the old one"):
         resize(ckpt, old_tok.parent / "merged.model", tmp_path / "new", old_tokenizer=old_tok.parent / "ko.model")
     assert not (tmp_path / "new").exists()
 
@@ -99,15 +102,15 @@ def test_resize_refuses_a_tokenizer_that_does_not_extend_the_old_one(tmp_path, t
 def test_resize_refuses_the_wrong_old_tokenizer(tmp_path, tokenizers):
     old_tok, new_tok = tokenizers
     ckpt = save_meta(random_model(tiny_args(vocab_size=128)), tmp_path / "old", extra_files=[old_tok])
-    with pytest.raises(vocab.VocabError, match="128 rows but the old tokenizer has 300 pieces"):
+    with pytest.raises(VocabError, match="128 rows but the old tokenizer has 300 pieces"):
         resize(ckpt, new_tok, tmp_path / "new")
 
 
 def test_cli(tmp_path, tokenizers, capsys):
     old_tok, new_tok = tokenizers
     ckpt = save_meta(random_model(tiny_args(vocab_size=300)), tmp_path / "old", extra_files=[old_tok])
-    vocab.main(["resize", str(ckpt), str(new_tok), str(tmp_path / "new")])
+    vocab_main(["resize", str(ckpt), str(new_tok), str(tmp_path / "new")])
     assert "resized 300 -> 384 rows (1 shard(s))" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        vocab.main(["resize", str(tmp_path / "missing"), str(new_tok), str(tmp_path / "new2")])
+        vocab_main(["resize", str(tmp_path / "missing"), str(new_tok), str(tmp_path / "new2")])
     assert "error:" in capsys.readouterr().err

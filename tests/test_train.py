@@ -15,7 +15,7 @@ from conftest import need
 from helpers import free_port, random_model, short_lines, tiny_training_base
 from kollama import train as T
 from kollama.train import optim
-from kollama.checkpointing import TrainingDiverged
+from kollama.train.checkpointing import TrainingDiverged
 from llama import Llama
 from llama.checkpoint import read_slice
 from llama.loading import open_checkpoint
@@ -54,7 +54,7 @@ def test_full_and_lora_lower_the_dev_loss(setup):
         (s0, before), (s8, after) = s["dev_loss"]
         assert (s0, s8) == (0, 8) and after < before - 0.05, s["dev_loss"]
     # The saved adapter loads onto a fresh base and gives the merged checkpoint's logits.
-    from kollama.lora import load_adapter
+    from kollama.adapters.lora import load_adapter
 
     model = load_adapter(random_model(setup["args"], seed=1, std=0.1), lora["outputs"]["adapter"])
     merged = Llama.build(lora["outputs"]["merged"], setup["tok"], max_seq_len=32, max_batch_size=2, device="cpu")

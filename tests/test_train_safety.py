@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import random_model, save_meta, short_lines, tiny_training_base
-from kollama import checkpointing as CK
 from kollama import train as T
-from kollama.checkpointing import CheckpointSaveError, TrainingDiverged
-from kollama.fingerprint import FingerprintMismatch
+from kollama.adapters.fingerprint import FingerprintMismatch
 from kollama.train import ConfigError, TrainConfig, optim
+from kollama.train import checkpointing as CK
+from kollama.train.checkpointing import CheckpointSaveError, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,7 +229,7 @@ def test_summary_json_feeds_the_report(setup, tmp_path):
     assert summary["trainable_params"] == 2 * ((8 * 48 + 48 * 8) + (8 * 48 + 24 * 8))
     assert summary["train_tokens"] > summary["target_tokens"] > 0 and summary["train_wall_time_s"] > 0
     assert len(summary["config_hash"]) == 64
-    from kollama.report import load_run
+    from kollama.eval.report import load_run
 
     info = load_run(setup["root"] / "summary")["info"]
     assert (info["trainable_params"], info["train_tokens"], info["train_wall_time_s"]) == (

@@ -16,10 +16,12 @@ pytest.importorskip("google.protobuf", reason="editing SentencePiece models need
 from sentencepiece import sentencepiece_model_pb2 as pb2  # noqa: E402
 
 from conftest import need  # noqa: E402
-from kollama.vocab import (  # noqa: E402
-    VocabError, count_hangul_syllables, has_hangul, main, merge, merge_protos, read_corpus, scores_below,
-    stats_table, tokenizer_stats, train,
-)
+from kollama.vocab.__main__ import main  # noqa: E402
+from kollama.vocab.common import VocabError, count_hangul_syllables, has_hangul  # noqa: E402
+from kollama.vocab.corpus import read_corpus  # noqa: E402
+from kollama.vocab.merge import merge, merge_protos, scores_below  # noqa: E402
+from kollama.vocab.stats import stats_table, tokenizer_stats  # noqa: E402
+from kollama.vocab.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 Piece = pb2.ModelProto.SentencePiece

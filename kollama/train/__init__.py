@@ -6,15 +6,19 @@
   torchrun --nproc_per_node 4 -m kollama.train ... [--model_parallel_size 2]   # world = data x model parallel
 
 The package, by concern:
-  config.py     TrainConfig: every option (type, default, doc), config files, validation, resume rules
-  recipe.py     TrainRecipe: setup → data → model → optimizer → resume or start → loop → finish; ``train()``
-  optim.py      the loss's normalisation, AdamW parameter groups, the learning-rate schedule
-  plan.py       the data order of a plain run (epochs); stages.py: curriculum stages (a stage list / file)
-  run_folder.py a new run never starts over an old one; progress.py: the progress bar and printing
-Checkpoints and run files are kollama/checkpointing.py; model loading kollama/loading.py.
+  config.py         TrainConfig: every option (type, default, doc), config files, validation, resume rules
+  recipe.py         TrainRecipe: setup → data → model → optimizer → resume or start → loop → finish;
+                    ``train()``
+  optim.py          the loss's normalisation, AdamW parameter groups, the learning-rate schedule
+  plan.py           the data order of a plain run (epochs); stages.py: curriculum stages (a stage list / file)
+  pretrain.py       continued pretraining: the trainable sets of ``--trainable``, held-out bits per character
+  loading.py        the base model on this process (dense, NF4, or its FSDP shard); fsdp.py: FSDP2
+  distributed.py    gradient all-reduce and the global gradient norm (data / model parallel, FSDP)
+  checkpointing.py  trainer checkpoints (manifests, verified resume, quarantine) and the final outputs
+  run_folder.py     a new run never starts over an old one; progress.py: the progress bar and printing
 """
-from kollama.distributed import clip_grad_norm
 from kollama.train.config import ConfigError, TrainConfig
+from kollama.train.distributed import clip_grad_norm
 from kollama.train.optim import lr_lambda, token_loss
 from kollama.train.recipe import TrainRecipe, train
 

@@ -175,7 +175,7 @@ class TrainConfig:
         need(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
         need(self.trainable is None or self.trainable in TRAINABLE, "trainable",
              f"must be one of {', '.join(TRAINABLE)}")
-        from kollama.data import TEMPLATES  # light module; the check belongs with the templates' list
+        from kollama.data.rows import TEMPLATES  # light module; the check belongs with the templates' list
 
         need(self.template in TEMPLATES, "template", f"must be one of {', '.join(TEMPLATES)}")
         need(self.dtype is None or self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
@@ -194,7 +194,7 @@ class TrainConfig:
         need(self.lora_r >= 1, "lora_r", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        from kollama.lora import TARGETS
+        from kollama.adapters.lora import TARGETS
 
         bad = [t for t in self.lora_targets if t not in TARGETS]
         if bad or not self.lora_targets:

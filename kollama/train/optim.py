@@ -18,7 +18,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from kollama.data import IGNORE_INDEX
+from kollama.data.rows import IGNORE_INDEX
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from kollama import data as D
+from kollama.data import rows as D
 from kollama.train.optim import lr_lambda
 
 

@@ -5,7 +5,7 @@ One optimizer step consumes ``micro_batch_size * gradient_accumulation_steps * d
 or packed blocks with ``--packing``). The loss is the mean over every target token of that global batch
 (kollama/train/optim.py), so N processes give the same update as one process with the same global batch. Gradients
 are summed over the data-parallel group by an explicit bucketed all-reduce (not DDP): it composes with model
-parallelism and LoRA's frozen base without wrapping the model. Under ``--fsdp`` (kollama/fsdp.py) FSDP2 shards
+parallelism and LoRA's frozen base without wrapping the model. Under ``--fsdp`` (kollama/train/fsdp.py) FSDP2 shards
 weights, gradients and AdamW state over the data-parallel group instead.
 
 The run folder (kollama/train/run_folder.py): ``config.json``, ``metrics.jsonl``, ``checkpoints/step-NNNNNN/``
@@ -15,8 +15,8 @@ Meta layout) or ``merged/`` (LoRA merged into the base, with ``--merge``). The d
 step), so the checkpoint's step *is* the data position and ``--resume`` reproduces an uninterrupted run bit for bit
 on CPU.
 
-``--method qlora``: LoRA over an NF4 base (kollama/qlora.py): every transformer-block linear of this rank's shard is
-quantized after loading; quantization is deterministic, so checkpoints hold only the adapter and optimizer.
+``--method qlora``: LoRA over an NF4 base (kollama/adapters/qlora.py): every transformer-block linear of this rank's
+shard is quantized after loading; quantization is deterministic, so checkpoints hold only the adapter and optimizer.
 ``--merge`` then writes dequant(NF4(W)) + B A, the weight the adapter was trained against.
 
 Divergence: a non-finite loss or gradient norm, or a loss above ``--divergence_factor`` x the mean of the previous
@@ -40,15 +40,15 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from kollama import data as D
-from kollama import pretrain as P
-from kollama.checkpointing import (STATE, TrainingDiverged, config_hash, files_to_read, find_resumable,
-                                   load_trainer_state, quarantine_checkpoint, save_trainer_state, write_outputs)
-from kollama.distributed import all_reduce, all_reduce_grads, clip_grad_norm, is_model_parallel_sharded, local
-from kollama.fingerprint import FingerprintMismatch, base_record, check_same_base
-from kollama.loading import NF4_METRICS, load_model, load_qlora_model, trainable_named_parameters
+from kollama.adapters.fingerprint import FingerprintMismatch, base_record, check_same_base
+from kollama.data import rows as D
 from kollama.train import optim
+from kollama.train import pretrain as P
+from kollama.train.checkpointing import (STATE, TrainingDiverged, config_hash, files_to_read, find_resumable,
+                                         load_trainer_state, quarantine_checkpoint, save_trainer_state, write_outputs)
 from kollama.train.config import ConfigError, TrainConfig, resume_differences
+from kollama.train.distributed import all_reduce, all_reduce_grads, clip_grad_norm, is_model_parallel_sharded, local
+from kollama.train.loading import NF4_METRICS, load_model, load_qlora_model, trainable_named_parameters
 from kollama.train.plan import build_epoch_plan
 from kollama.train.progress import Progress
 from kollama.train.run_folder import RunLog, prepare_out_dir
@@ -102,7 +102,7 @@ class TrainRecipe:
         self.dp_group, self.mp_rank = get_data_parallel_group(), get_model_parallel_rank()
         self.is_main = self.rank == 0
         if cfg.fsdp:
-            from kollama.fsdp import check_supported
+            from kollama.train.fsdp import check_supported
 
             check_supported(cfg.method, cfg.trainable, self.dp_size, cfg.model_parallel_size)
         self.method, self.merge = P.resolve(cfg.trainable, cfg.method, cfg.merge)
@@ -168,7 +168,7 @@ class TrainRecipe:
         torch.manual_seed(cfg.seed)  # identical init (LoRA factors) on every rank, so replicas agree
         self.nf4_report = None
         if self.method == "qlora":  # NF4 base on each rank's local shard, then LoRA as below
-            from kollama import qlora as Q
+            from kollama.adapters import qlora as Q
 
             model, self.base_params, self.nf4_report = load_qlora_model(cfg.ckpt_dir, self.tokenizer, self.seq_len,
                                                                         self.device, cfg.dtype)
@@ -177,7 +177,7 @@ class TrainRecipe:
             model, self.base_params = load_model(cfg.ckpt_dir, self.tokenizer, self.seq_len, self.device, cfg.dtype,
                                                  self.method, fsdp=cfg.fsdp)
         if self.method in ("lora", "qlora"):
-            from kollama import lora as L
+            from kollama.adapters import lora as L
 
             model = L.apply_lora(model, targets=tuple(cfg.lora_targets), r=cfg.lora_r, alpha=cfg.lora_alpha,
                                  dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kollama import data as D
+from kollama.data import rows as D
 from kollama.train.optim import lr_lambda
 from llama.errors import UserError
 

@@ -57,7 +57,7 @@ def is_model_parallel_sharded(model: torch.nn.Module, name: str, param: torch.nn
     owner = model.get_submodule(owner_name) if owner_name else model
     if isinstance(owner, (ParallelLinear, ParallelEmbedding)) and leaf == "weight":
         return True
-    shard_dims = getattr(owner, "shard_dims", None)  # kollama.lora.LoRALinear: {"lora_A": dim or None, ...}
+    shard_dims = getattr(owner, "shard_dims", None)  # kollama.adapters.lora.LoRALinear: {"lora_A": dim or None, ...}
     if isinstance(shard_dims, dict) and leaf in shard_dims:
         return shard_dims[leaf] is not None
     return False

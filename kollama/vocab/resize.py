@@ -5,6 +5,8 @@ old-token inputs do not change. A new piece starts from the mean of the rows of 
 splits it into (for a Korean syllable under Llama 2, its UTF-8 byte pieces): it then begins close to what the model
 already computes for that text, which trains faster than the global mean (the fallback for pieces that have no
 text, such as the padding pieces ``merge`` appends).
+It relies on what ``merge`` guarantees: ids 0..base_size-1 keep their pieces, Korean pieces are appended after
+them, padding pieces are UNUSED.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from sentencepiece import SentencePieceProcessor
 
 from llama.checkpoint import MetaCheckpoint, read_slice, split_tensor, write_checkpoint
-from kollama.vocab import VocabError, _existing_file, load_model_proto
+from kollama.vocab.common import VocabError, existing_file, load_model_proto
 
 RESIZED = ("tok_embeddings.weight", "output.weight")
 
@@ -75,7 +77,7 @@ def grow_rows(weight: torch.Tensor, new_rows: List[Optional[List[int]]]) -> torc
 def resize(ckpt_dir, new_tokenizer, out_dir, old_tokenizer=None, overwrite: bool = False) -> dict:
     """Write ``out_dir``: ``ckpt_dir`` with its vocabulary grown to ``new_tokenizer`` (same shard count/format)."""
     ckpt_dir = Path(str(ckpt_dir))
-    new_tokenizer = _existing_file(new_tokenizer, "new tokenizer")
+    new_tokenizer = existing_file(new_tokenizer, "new tokenizer")
     given = old_tokenizer is not None
     if not given:
         old_tokenizer = ckpt_dir / "tokenizer.model"

@@ -1,5 +1,5 @@
 """The base model a training run starts from, on this process: its model-parallel slice, dense; with every block
-linear in NF4 (QLoRA); or, under ``--fsdp``, only this process's FSDP shard of that slice (kollama/fsdp.py).
+linear in NF4 (QLoRA); or, under ``--fsdp``, only this process's FSDP shard of that slice (kollama/train/fsdp.py).
 
 All three build the model on the meta device and then assign the checkpoint's tensors (memory-mapped where the
 file allows), as ``llama.Llama.build`` does, so no random initialisation is computed and thrown away."""
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kollama import qlora as Q
+from kollama.adapters import qlora as Q
 from llama.checkpoint import CheckpointError
 from llama.loading import open_checkpoint
 from llama.model import ModelArgs, Transformer
@@ -52,7 +52,7 @@ def load_model(ckpt_dir, tokenizer, seq_len: int, device: torch.device, dtype: O
     state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(),
                                         get_model_parallel_world_size())
     if fsdp:
-        from kollama import fsdp as FS
+        from kollama.train import fsdp as FS
 
         FS.shard_model(model, FS.data_parallel_mesh(device), compute_dtype)
         FS.load_shards(model, state, device)  # copy_ casts each shard to fp32 on the device
@@ -77,7 +77,7 @@ def trainable_named_parameters(model) -> list:
     return named
 
 
-# ---- QLoRA (--method qlora): NF4 base; see kollama/qlora.py ----
+# ---- QLoRA (--method qlora): NF4 base; see kollama/adapters/qlora.py ----
 NF4_METRICS = ("bits_per_parameter", "expected_bits_per_parameter", "quantized_params", "stored_bytes",
                "dense_bytes", "max_abs_error", "rel_rms_error")
 

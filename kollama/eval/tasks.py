@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from kollama.data import KULLM_PROMPT_INPUT, KULLM_PROMPT_NO_INPUT, DataError  # one DataError for all data
+from kollama.data.rows import KULLM_PROMPT_INPUT, KULLM_PROMPT_NO_INPUT, DataError  # one DataError for all data
 
 
 @dataclass
@@ -313,7 +313,7 @@ def draw_shots(pool: Sequence[MCItem], k: int, seed: int, task: str, index: int)
     return random.Random(f"{seed}:{task}:{index}").sample(list(pool), k)
 
 
-# KULLM's template, shared with training (kollama.data), so an adapter is asked in the format it was tuned on.
+# KULLM's template, shared with training (kollama.data.rows), so an adapter is asked in the format it was tuned on.
 KULLM_INPUT, KULLM_NO_INPUT = KULLM_PROMPT_INPUT, KULLM_PROMPT_NO_INPUT
 TEMPLATES = ("plain", "kullm", "chat")
 

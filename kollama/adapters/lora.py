@@ -65,8 +65,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 _LORA_FIELDS = ("r", "alpha", "dropout", "targets", "use_rslora")
-RESAVE = ("save the adapter again (kollama.lora.save_adapter), or copy or download the folder again from where it "
-          "came from")
+RESAVE = ("save the adapter again (kollama.adapters.lora.save_adapter), or copy or download the folder again from "
+          "where it came from")
 
 
 class AdapterError(UserError):
@@ -419,8 +419,8 @@ def save_adapter(model: nn.Module, out_dir, config: Optional[dict] = None, *, ba
     """Write ``adapter.safetensors`` (full, gathered adapter) and ``adapter_config.json`` into ``out_dir``.
 
     ``config`` adds JSON-able facts (e.g. ``{"base_model": ...}``); it may repeat but not contradict the
-    model's LoRA settings. ``base`` (``kollama.fingerprint.base_fingerprint`` of the checkpoint the model was
-    loaded from) and ``tokenizer_sha256`` record what the adapter belongs to; ``kollama.adapter.apply_adapter``
+    model's LoRA settings. ``base`` (``kollama.adapters.fingerprint.base_fingerprint`` of the checkpoint the model was
+    loaded from) and ``tokenizer_sha256`` record what the adapter belongs to; ``kollama.adapters.adapter.apply_adapter``
     checks them. ``config["base_quantization"] = "nf4"`` marks a QLoRA adapter (trained over an NF4 base).
     Collective under model parallelism: every rank calls it, global rank 0 writes. Each file is replaced
     atomically, weights first, so the config never describes weights not yet on disk.
@@ -431,8 +431,8 @@ def save_adapter(model: nn.Module, out_dir, config: Optional[dict] = None, *, ba
     recorded = meta.get("base")
     if recorded is not None and not (isinstance(recorded, dict) and recorded.get("digest")
                                      and isinstance(recorded.get("params"), dict)):
-        raise ValueError(f"base must be kollama.fingerprint.base_fingerprint(ckpt_dir), a dict with params and "
-                         f"digest; got {str(recorded)[:200]}")
+        raise ValueError(f"base must be kollama.adapters.fingerprint.base_fingerprint(ckpt_dir), a dict with params "
+                         f"and digest; got {str(recorded)[:200]}")
     clash = {k: (meta[k], settings[k]) for k in _LORA_FIELDS
              if k in meta and (list(meta[k]) if k == "targets" else meta[k]) != settings[k]}
     if clash:
@@ -472,7 +472,8 @@ def read_adapter_config(path) -> dict:
                            f"{RESAVE}")
     missing = [k for k in _LORA_FIELDS if k not in config]
     if missing:
-        raise AdapterError(f"{cfg_path} lacks {missing}; was it written by kollama.lora.save_adapter? {RESAVE}")
+        raise AdapterError(f"{cfg_path} lacks {missing}; was it written by kollama.adapters.lora.save_adapter? "
+                           f"{RESAVE}")
     return config
 
 
@@ -492,7 +493,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load a saved adapter (applying LoRA with its settings first if the model has none); slices for this rank.
 
     The factors go onto whatever base ``model`` has. To apply an adapter as it was trained (an NF4 base for a
-    QLoRA adapter, its recorded base and tokenizer checked), use ``kollama.adapter.apply_adapter``."""
+    QLoRA adapter, its recorded base and tokenizer checked), use ``kollama.adapters.adapter.apply_adapter``."""
     config, state = read_adapter(path)
     if not lora_layers(model):
         apply_lora(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["use_rslora"])
@@ -540,9 +541,9 @@ def export_peft(adapter_dir_or_model, out_dir, base_model_name_or_path: Optional
         if config.get("base_quantization") == "nf4":  # peft's config has no field for it: say it here
             warnings.warn(f"adapter {adapter_dir_or_model} was trained over an NF4-quantized base (QLoRA): peft "
                           f"applies it to whatever base it is given, and it reproduces the trained model only over "
-                          f"dequant(NF4(W)), not W. For a dense model use kollama.adapter.apply_adapter (or the "
-                          f"trainer's --merge); bitsandbytes' 4-bit NF4 base rounds the block scales differently "
-                          f"from kollama.nf4", stacklevel=2)
+                          f"dequant(NF4(W)), not W. For a dense model use kollama.adapters.adapter.apply_adapter (or "
+                          f"the trainer's --merge); bitsandbytes' 4-bit NF4 base rounds the block scales differently "
+                          f"from kollama.adapters.nf4", stacklevel=2)
     args = config.get("model_args") or {}
     if "n_heads" not in args and any(t in config["targets"] for t in ("wq", "wk")):
         raise ValueError("exporting wq/wk adapters needs n_heads/n_kv_heads (model_args); save the adapter from "

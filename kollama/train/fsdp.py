@@ -4,7 +4,7 @@ data-parallel group, so each of N processes holds 1/N of the weights, gradients 
 What is sharded: every ``TransformerBlock`` is one FSDP unit, and so are ``tok_embeddings``, ``norm`` and
 ``output``. The root ``Transformer`` then owns no parameter of its own, so every parameter is gathered by a hook of
 the module that uses it, also when evaluation calls ``model.hidden_states`` / ``model.output`` directly rather than
-``model(...)`` (kollama.evaluate does, to score long vocabularies in chunks).
+``model(...)`` (kollama.eval.evaluate does, to score long vocabularies in chunks).
 
 With model parallelism (``--model_parallel_size M``), FSDP shards each rank's *model-parallel slice* over the
 processes that hold the same slice (the data-parallel group), on dim 0 of the local tensor: a 2-D layout (data x
@@ -31,7 +31,7 @@ except ImportError as e:  # torch < 2.6 kept FSDP2 under a private name
     raise ImportError(f"--fsdp needs PyTorch >= 2.8 (FSDP2 with sum reductions); this is torch {torch.__version__}. "
                       f"Upgrade torch, or train without --fsdp") from e
 
-from kollama.distributed import local
+from kollama.train.distributed import local
 from llama.errors import UserError
 from llama.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
 
@@ -105,7 +105,7 @@ def load_shards(model: torch.nn.Module, state: Dict[str, torch.Tensor], device: 
             if target.shape != piece.shape:  # FSDP's sharding rule changed under us: refuse, don't misplace rows
                 raise RuntimeError(f"{name}: FSDP's local shard has shape {tuple(target.shape)} but dim-0 chunk "
                                    f"{rank} of {world} has {tuple(piece.shape)}; this torch version shards "
-                                   f"differently than kollama.fsdp expects")
+                                   f"differently than kollama.train.fsdp expects")
             target.copy_(piece)
 
 

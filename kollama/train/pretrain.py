@@ -27,7 +27,7 @@ import torch
 from llama.errors import UserError
 from llama.parallel import get_model_parallel_rank, get_model_parallel_world_size
 
-log = logging.getLogger("kollama.pretrain")
+log = logging.getLogger("kollama.train.pretrain")
 
 TRAINABLE = ("lora", "lora+embeddings", "embeddings", "full")
 TASKS = ("sft", "pretrain")
@@ -55,7 +55,7 @@ def resolve(trainable: Optional[str], method: str, merge: bool) -> Tuple[str, bo
 
 def new_rows_start(new_rows_from: Optional[int], ckpt_dir, vocab_size: int) -> int:
     """The first id the ``embeddings`` set trains: --new_rows_from, else ``old_vocab`` of ``resize_info.json`` in
-    the checkpoint folder (save ``kollama.resize.resize``'s returned info there), else an error."""
+    the checkpoint folder (save ``kollama.vocab.resize.resize``'s returned info there), else an error."""
     if new_rows_from is None:
         info = Path(str(ckpt_dir)) / "resize_info.json"
         if not info.is_file():
@@ -70,7 +70,7 @@ def new_rows_start(new_rows_from: Optional[int], ckpt_dir, vocab_size: int) -> i
 
 def _weight(model, name: str) -> torch.nn.Parameter:
     module = getattr(model, name)
-    if hasattr(module, "lora_A"):  # kollama.lora.LoRALinear around output
+    if hasattr(module, "lora_A"):  # kollama.adapters.lora.LoRALinear around output
         raise PretrainError(f"{name} is a LoRA target; drop it from --lora_targets to train its rows directly")
     return module.weight
 
@@ -125,7 +125,8 @@ def check_resume(path, config: dict) -> None:
 
 def read_heldout(path, limit: Optional[int] = None) -> List[str]:
     """Documents of a held-out text: non-blank lines of a .txt, or the ``text`` field of a .jsonl."""
-    from kollama.vocab import VocabError, read_corpus
+    from kollama.vocab.common import VocabError
+    from kollama.vocab.corpus import read_corpus
 
     try:
         return read_corpus([str(path)], "text", limit)
@@ -135,10 +136,10 @@ def read_heldout(path, limit: Optional[int] = None) -> List[str]:
 
 def heldout_bits_per_char(model, tokenizer, docs: Sequence[str], window: int, batch_size: int = 8,
                           autocast=None) -> float:
-    """kollama.evaluate.bits_per_char on ``docs`` in eval mode (no dropout, so no RNG draw: resume stays exact)."""
+    """kollama.eval.evaluate.bits_per_char on ``docs`` in eval mode (no dropout, so no RNG draw: resume stays exact)."""
     from contextlib import nullcontext
 
-    from kollama.evaluate import bits_per_char
+    from kollama.eval.evaluate import bits_per_char
 
     was_training = model.training
     model.eval()

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from kollama.distributed import local
+from kollama.train.distributed import local
 from llama.errors import UserError
 from llama.files import atomic_write, fsync_dir, replace_folder, sha256_file, write_json
 from llama.checkpoint import write_checkpoint
@@ -282,7 +282,7 @@ def _rank_writers(step, named, optimizer, config, rank, mp_rank, dp_rank, fsdp, 
         def optim(p):
             state = optimizer.state_dict()
             if fsdp:
-                from kollama.fsdp import local_optimizer_state
+                from kollama.train.fsdp import local_optimizer_state
 
                 state = local_optimizer_state(state)
             _torch_save(state, p)
@@ -448,7 +448,7 @@ def _load_weights(path: Path, named, suffix: str) -> None:
 def _load_optimizer(path: Path, optimizer, suffix: str, fsdp: bool) -> None:
     state = torch.load(_need(path, f"optimizer.{suffix}.pt"), map_location="cpu", weights_only=True)
     if fsdp:
-        from kollama.fsdp import sharded_optimizer_state
+        from kollama.train.fsdp import sharded_optimizer_state
 
         state = sharded_optimizer_state(state, optimizer)
     optimizer.load_state_dict(state)
@@ -508,18 +508,18 @@ def write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_pa
     all-gathered over the data-parallel group, one at a time)."""
     outputs = {}
     if method in ("lora", "qlora"):
-        from kollama import fingerprint as FP
-        from kollama import lora as L
+        from kollama.adapters import fingerprint as FP
+        from kollama.adapters import lora as L
 
         extra = {k: config[k] for k in ("template", "cutoff_len", "train_on_inputs", "total_steps", "seed")}
-        # What the adapter belongs to; kollama.adapter.apply_adapter refuses another base or tokenizer.
+        # What the adapter belongs to; kollama.adapters.adapter.apply_adapter refuses another base or tokenizer.
         extra.update(base=FP.base_fingerprint(ckpt_dir), tokenizer_sha256=FP.tokenizer_sha256(tokenizer_path))
         if method == "qlora":  # the adapter was trained against NF4(base): load it onto a quantized base
             extra["base_quantization"] = "nf4"
         L.save_adapter(model, out / "adapter", {"base_model": str(ckpt_dir), "tokenizer": str(tokenizer_path), **extra})
         outputs["adapter"] = str(out / "adapter")
         if merge and method == "qlora":
-            from kollama import qlora as Q
+            from kollama.adapters import qlora as Q
 
             write_meta(out / "merged", Q.merged_dense_state(model), base_params, tokenizer_path, dp_rank)
             outputs["merged"] = str(out / "merged")
@@ -529,7 +529,7 @@ def write_outputs(out, method, merge, model, base_params, ckpt_dir, tokenizer_pa
             outputs["merged"] = str(out / "merged")
     else:
         if fsdp:
-            from kollama.fsdp import gather_full_state
+            from kollama.train.fsdp import gather_full_state
 
             state = gather_full_state(model, keep=dp_rank == 0)
         else:

@@ -4,18 +4,18 @@
 ``apply_adapter(model, adapter_dir, ckpt_dir=..., tokenizer_path=...)``:
 
 1. checks the adapter's recorded base (``base`` fingerprint and ``tokenizer_sha256`` in adapter_config.json, see
-   ``kollama.fingerprint``) against ``ckpt_dir`` / ``tokenizer_path``: another base or tokenizer is an error
+   ``kollama.adapters.fingerprint``) against ``ckpt_dir`` / ``tokenizer_path``: another base or tokenizer is an error
    (``FingerprintMismatch``), or a warning with ``allow_base_mismatch=True``; an adapter from before these fields
    existed is loaded with a warning;
 2. if the adapter says ``base_quantization: "nf4"`` (QLoRA), quantizes the base's block linears with the trainer's
-   own call (``kollama.qlora.quantize_base_nf4``, default targets, this rank's shard), because the adapter was
+   own call (``kollama.adapters.qlora.quantize_base_nf4``, default targets, this rank's shard), because the adapter was
    trained against dequant(NF4(W)), not W: merging it onto W would put back the NF4 rounding error it learned to
-   compensate (kollama/qlora.py quantifies that error);
+   compensate (kollama/adapters/qlora.py quantifies that error);
 3. loads the factors and folds everything into dense weights: an adapted layer gets ``base + scale * B A`` computed
    in fp32 (``LoRALinear.merged_weight``: the dequantized NF4 weight for a quantized base) and cast once, an NF4
    layer without an adapter gets its dequantized weight. These are exactly the numbers of the trainer's
-   ``merged/`` export (``kollama.qlora.merged_dense_state``); the model is then a plain ``Transformer`` again, as
-   fast as the base and quantizable.
+   ``merged/`` export (``kollama.adapters.qlora.merged_dense_state``); the model is then a plain ``Transformer``
+   again, as fast as the base and quantizable.
 
 Quantization is a pure function of the loaded base weights, so the NF4 base is rebuilt bit for bit when the base
 is loaded as the trainer loaded it: the same checkpoint, the same dtype (the trainer's default is bf16 on CUDA,
@@ -28,9 +28,9 @@ import warnings
 import torch
 from torch import nn
 
-from kollama.fingerprint import FingerprintMismatch, base_fingerprint, check_same_base, tokenizer_sha256
-from kollama.lora import AdapterError, LoRALinear, load_adapter, read_adapter_config
-from kollama.qlora import quantize_base_nf4
+from kollama.adapters.fingerprint import FingerprintMismatch, base_fingerprint, check_same_base, tokenizer_sha256
+from kollama.adapters.lora import AdapterError, LoRALinear, load_adapter, read_adapter_config
+from kollama.adapters.qlora import quantize_base_nf4
 from llama.parallel import ParallelLinear
 
 BASE_QUANTIZATIONS = (None, "nf4")

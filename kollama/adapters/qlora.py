@@ -1,7 +1,7 @@
 """QLoRA (Dettmers et al. 2023): a frozen NF4 base under trainable LoRA factors, plus the memory accounting.
 
 ``quantize_base_nf4(model)`` replaces the local weight of every transformer-block linear (wq, wk, wv, wo, w1,
-w2, w3) by an ``NF4Linear`` (``kollama.nf4``) through ``ParallelLinear.replace_local_linear``; ``apply_lora``
+w2, w3) by an ``NF4Linear`` (``kollama.adapters.nf4``) through ``ParallelLinear.replace_local_linear``; ``apply_lora``
 then wraps those layers as usual. Kept dense, as in the QLoRA paper and torchtune: the token embedding (a
 lookup, not a matmul; on 7B it is 2% of the weights, and Korean vocabulary growth trains it), the
 RMSNorm weights (a few thousand values) and ``output`` (the classifier sees every logit's error directly, and
@@ -33,8 +33,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from kollama.lora import check_targets, merged_state_dict
-from kollama.nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, NF4Linear, bits_per_parameter, check_nf4_shape
+from kollama.adapters.lora import check_targets, merged_state_dict
+from kollama.adapters.nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, NF4Linear, bits_per_parameter, check_nf4_shape
 from llama.parallel import ParallelLinear
 
 # Every linear of the transformer blocks; ``output`` stays dense by default (see the module docstring).
@@ -43,7 +43,7 @@ QUANTIZABLE = BLOCK_LINEARS + ("output",)
 
 
 def nf4_storage_bits(numel: int) -> int:
-    """Bits that ``kollama.nf4`` stores for one bias-free weight of ``numel`` values: 4-bit codes, one int8
+    """Bits that ``kollama.adapters.nf4`` stores for one bias-free weight of ``numel`` values: 4-bit codes, one int8
     scale per 64-block, one fp32 factor per 256 scales (the last group may be short) and one fp32 mean."""
     n_blocks = numel // BLOCK_SIZE
     return 4 * numel + 8 * n_blocks + 32 * math.ceil(n_blocks / SCALE_BLOCK_SIZE) + 32
@@ -172,6 +172,7 @@ def nf4_summary(r: dict) -> str:
 
 def merged_dense_state(model) -> dict:
     """Meta-named dense state of this rank with the adapter folded into the dequantized NF4 weights
-    (dequant(NF4(W)) + scale * B A; kollama/qlora.py explains why not W + B A), all in the dense parts' dtype."""
+    (dequant(NF4(W)) + scale * B A; kollama/adapters/qlora.py explains why not W + B A), all in the dense parts'
+    dtype."""
     dtype = model.tok_embeddings.weight.dtype
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged_state_dict(model).items()}
