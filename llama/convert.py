@@ -6,9 +6,11 @@
   hf_to_meta SRC DST [--mp N] [--fmt safetensors|pth] [--overwrite]                HF folder -> Meta folder
   meta_to_hf SRC DST [--dtype float32|bfloat16|float16] [--max_shard_size 5GB]    Meta folder -> HF folder
              [--tokenizer T.model] [--max_position_embeddings 4096] [--overwrite]
+  to_gguf CKPT_DIR OUT.gguf [--outtype f32|f16|q8_0] [--tokenizer T.model] [--overwrite]   Meta folder -> llama.cpp
 (hf-to-meta and meta-to-hf are the same commands.) Conversions stream one tensor at a time and write to a temporary
 folder beside DST that is renamed into place when complete; --overwrite replaces an existing DST only then. DST may
-never be, hold or lie inside SRC (reshard into a new folder and rename it). A mistake in the input is one line
+never be, hold or lie inside SRC (reshard into a new folder and rename it). to_gguf writes one file the same way (a
+temporary file beside it) and needs the gguf package (pip install -e ".[gguf]"). A mistake in the input is one line
 ``error: ...`` on stderr with exit status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
@@ -21,9 +23,7 @@ from typing import Optional
 from llama import checkpoint as ckpt
 from llama import hf
 from llama.errors import run_cli
-from llama.llama2c import llama2c_seq_len, read_llama2c, write_llama2c
-
-LLAMA2C_INFO = "llama2c.json"  # {"seq_len": N} beside a folder converted from llama2.c
+from llama.llama2c import LLAMA2C_INFO, llama2c_seq_len, read_llama2c, recorded_seq_len, write_llama2c
 
 
 def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "safetensors", mp: int = 1,
@@ -61,9 +61,8 @@ def to_llama2c(src: str, dst: str, seq_len: Optional[int] = None, overwrite: boo
     source = ckpt.MetaCheckpoint(src)  # params.json checked against the shards' shapes
     params, readers = source.params, source.readers
     state = {name: ckpt.read_slice(readers, name, 0, 1) for name in readers[0].keys()}
-    info = Path(src) / LLAMA2C_INFO
-    if seq_len is None and info.is_file():
-        seq_len = int(json.loads(info.read_text())["seq_len"])
+    if seq_len is None:
+        seq_len = recorded_seq_len(src)
     write_llama2c(dst, params, state, seq_len=seq_len or 2048)
     print(f"wrote {dst}")
     return dst
@@ -95,8 +94,38 @@ def meta_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size: 
     return str(out)
 
 
+def to_gguf(ckpt_dir: str, out: str, outtype: str = "f16", tokenizer: Optional[str] = None,
+            overwrite: bool = False) -> str:
+    """Export a Meta folder (any shard count) as one GGUF file for llama.cpp (architecture "llama", tokenizer inside).
+
+    Needs the gguf package: pip install -e ".[gguf]". The context length written is llama2c.json's seq_len (a folder
+    converted from llama2.c), else params.json's max_seq_len, else 4096 (Llama 2's); the command prints which.
+    Example: python -m llama.convert to_gguf llama-2-7b-ko/ llama-2-7b-ko.gguf --outtype q8_0
+
+    Args:
+        ckpt_dir (str): the Meta folder, params.json + consolidated.NN.pth or .safetensors (any number of
+            shards), e.g. stories260K/
+        out (str): the GGUF file to write, never inside CKPT_DIR (a missing folder is created), e.g. stories260K.gguf
+        outtype (str, default "f16"): tensor type, "f32" (exact), "f16" (half the size, llama.cpp's default) or
+            "q8_0" (8-bit blocks of 32 values with an f16 scale, about 27 % of f32; a weight whose rows are not
+            whole blocks stays f16); norms stay f32 in every type, e.g. --outtype q8_0
+        tokenizer (str, default CKPT_DIR/tokenizer.model): the SentencePiece .model the model was trained with (an
+            expanded Korean vocabulary included), required when CKPT_DIR has no tokenizer.model, e.g. --tokenizer
+            tok512.model
+        overwrite (bool, default False): replace an existing OUT once the new file is complete, e.g. --overwrite
+    """
+    from llama.gguf_export import to_gguf as export
+
+    info = export(ckpt_dir, out, outtype=outtype, tokenizer=tokenizer, overwrite=overwrite)
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {info['path']} ({info['outtype']}, {info['tensors']} tensors, vocabulary {info['vocab_size']}, "
+          f"context_length {info['context_length']} from {info['context_length_from']})")
+    return info["path"]
+
+
 COMMANDS = {"llama2c": llama2c, "to_llama2c": to_llama2c, "reshard": reshard, "hf_to_meta": hf_to_meta,
-            "hf-to-meta": hf_to_meta, "meta_to_hf": meta_to_hf, "meta-to-hf": meta_to_hf}
+            "hf-to-meta": hf_to_meta, "meta_to_hf": meta_to_hf, "meta-to-hf": meta_to_hf, "to_gguf": to_gguf}
 
 
 def main():

@@ -9,6 +9,7 @@ so tensors map onto Meta's names with no permutation.
 """
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -21,6 +22,7 @@ from llama.files import atomic_write
 from llama.model import ffn_params_for, precompute_rope
 
 HEADER = struct.Struct("<7i")
+LLAMA2C_INFO = "llama2c.json"  # {"seq_len": N} beside a Meta folder converted from llama2.c (llama.convert llama2c)
 
 
 def read_llama2c(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
@@ -101,6 +103,22 @@ def llama2c_seq_len(path) -> int:
     """The training context length in a llama2.c file's header (the size of its stored rotary tables)."""
     with open(path, "rb") as f:
         return HEADER.unpack(f.read(HEADER.size))[6]
+
+
+def recorded_seq_len(ckpt_dir) -> Optional[int]:
+    """The llama2.c seq_len recorded in ``ckpt_dir/llama2c.json`` when the folder was converted from llama2.c (Meta's
+    params.json has no context length), or None when there is no such file."""
+    info = Path(ckpt_dir) / LLAMA2C_INFO
+    if not info.is_file():
+        return None
+    try:
+        seq_len = json.loads(info.read_text())["seq_len"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{info} should hold {{\"seq_len\": N}} ({e}); restore it, or delete it") from e
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise CheckpointError(f"{info}: seq_len is {json.dumps(seq_len)}, expected a positive whole number; "
+                              f"correct it, or delete the file")
+    return seq_len
 
 
 def write_llama2c(path, params: dict, state: Dict[str, torch.Tensor], seq_len: Optional[int] = None) -> Path:
