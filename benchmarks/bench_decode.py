@@ -4,6 +4,14 @@ speed and perplexity change, and this machine's own memory bandwidth and matmul 
     python benchmarks/bench_decode.py [--shapes stories260K,stories15M,1.1B] [--steps 16] [--batches 1,8,32]
         [--prefill 512] [--no-hf] [--no-int8] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
         [--out benchmarks/RESULTS.md]
+    python benchmarks/bench_decode.py --peers [--llama2c DIR] [--shapes stories15M,1.1B] [--out FILE]
+
+--peers: the CPU comparison of issue 18, batch-1 decode and prefill of --peer-prefill (128) tokens, on the same
+random weights: this library in fp32, bf16 and int8, transformers (fp32), llama.cpp f32 and q8_0 (through
+llama-cpp-python on a GGUF from `python -m llama.convert to_gguf`; `pip install -e ".[bench]"`) and, with
+--llama2c DIR, llama2.c's run.c (fp32) and runq.c (q8_0) built by you (benchmarks/peers.py says how). Each row
+gives tok/s, its ratio to ours at the same precision and the bytes it streams per token as a share of this
+machine's measured read bandwidth (a parallel sum over 256 MB).
 
 Shapes: stories260K (real weights when LLAMA_TEST_DATA has stories260K.bin + tok512.model, converted with
 llama.convert.llama2c; else random), stories15M (dim 288, 6 layers, FFN 768, vocab 32000; random), 1.1B
@@ -20,7 +28,7 @@ import os
 import platform
 import resource
 import shlex
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llama import kernels  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.quantize import quantize_model, quantized_bytes  # noqa: E402
@@ -82,6 +91,7 @@ def machine_rates(device):
         return timed(lambda: (f(), sync()), reps)
 
     copy = 2 * n * 4 / run(lambda: b.copy_(a), 5)
+    read = n * 4 / run(lambda: a.sum(), 5)
     del a, b
     w = torch.randn(16384, 8192, device=device)  # 512 MB: far larger than any cache
     x = torch.randn(1, 8192, device=device)
@@ -89,7 +99,7 @@ def machine_rates(device):
     del w
     m = torch.randn(2048, 2048, device=device)
     mm = 2 * 2048**3 / run(lambda: m @ m, 5)
-    return dict(copy=copy, matvec=mv, matmul=mm)
+    return dict(copy=copy, read=read, matvec=mv, matmul=mm)
 
 
 def random_model(args, device, dtype, seed=0):
@@ -205,6 +215,79 @@ def perplexity(model, tok):
     return float(torch.exp(F.cross_entropy(logits[0], ids[0, 1:]))), ids.shape[1]
 
 
+def matrix_params(model) -> int:
+    """Weights a decode step reads in full: every matrix but the embedding table (one row of it is read)."""
+    p = model.params
+    return p.n_layers * (2 * p.dim * p.dim + 2 * p.dim * p.kv_heads * p.head_dim + 3 * p.dim * p.ffn_hidden_dim) \
+        + p.dim * p.vocab_size
+
+
+def peer_table(shape, a, rates, say):
+    """One table: decode and prefill, batch 1, of ours (fp32 / bf16 / int8) and the peers on the same weights."""
+    import peers
+
+    threads = torch.get_num_threads()
+    prompt, steps, pre = a.prompt, max(a.steps, 32), a.peer_prefill
+    max_seq = max(pre, prompt + steps) + 8
+    model, _, kind = load_model(shape, torch.device("cpu"), torch.float32, max_seq, 1)
+    n = matrix_params(model)
+    bytes_per = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / model.params.dim, "q8_0": 34 / 32}
+    tokens = torch.randint(3, model.vocab_size, (1, pre))
+    work = Path(tempfile.mkdtemp(prefix="peers-"))
+    results = {}  # name -> (precision, s/token decode, s prefill or None)
+
+    def ours(name, precision, m):
+        t = ours_decode(m, 1, prompt, steps, torch.device("cpu"))
+        tp = prefill(lambda x: m.output(m.hidden_states(x, 0)[:, -1:]), tokens, torch.device("cpu"))
+        results[name] = (precision, t, tp)
+
+    ours("llama fp32", "fp32", model)
+    if not a.no_hf:
+        hf = hf_from(model)
+        th = hf_decode(hf, 1, prompt, steps, model.vocab_size, torch.device("cpu"))
+        results["transformers fp32"] = ("fp32", th, prefill(lambda x: hf(x, logits_to_keep=1), tokens,
+                                                          torch.device("cpu")))
+        del hf
+    why_not = peers.llama_cpp_available()
+    tokenizer = Path(os.environ.get("LLAMA_TEST_DATA", "")) / "tokenizer.model"
+    if why_not is None and model.vocab_size == 32000 and tokenizer.is_file():
+        meta = peers.save_meta(model, work / "meta")
+        for outtype, precision in (("f32", "fp32"), ("q8_0", "q8_0")):
+            r = peers.llama_cpp_rates(meta, tokenizer, outtype, threads, prompt, steps, pre)
+            results[f"llama.cpp {outtype}"] = (precision, r["decode"], r["prefill"])
+    else:
+        why_not = why_not or "needs a 32000-piece tokenizer: LLAMA_TEST_DATA/tokenizer.model"
+        say(f"llama.cpp not measured: {why_not}")
+    if a.llama2c:
+        for name, t in peers.llama2c_rates(Path(a.llama2c).expanduser(), model, work, prompt + steps,
+                                           threads).items():
+            results[name] = ("fp32" if "fp32" in name else "q8_0", t, None)
+    bf16 = Transformer(model.params, device="meta", dtype=torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
+    bf16.init_buffers(torch.device("cpu"), torch.bfloat16)
+    ours("llama bf16", "bf16", bf16.requires_grad_(False).eval())
+    del bf16
+    quantize_model(model, "int8")
+    ours("llama int8", "int8", model)
+    shutil.rmtree(work, ignore_errors=True)
+
+    ref = {"fp32": results["llama fp32"], "bf16": results["llama bf16"], "int8": results["llama int8"],
+           "q8_0": results["llama int8"]}
+    say("")
+    say(f"**{shape}** ({kind} weights, {n / 1e6:.0f}M matrix parameters), batch 1, {threads} threads; decode over "
+        f"positions {prompt}..{prompt + steps}")
+    say("")
+    say("| system | decode tok/s | ours (same precision) / it | streamed GB/s (of read bw) | prefill tok/s "
+        f"(S={pre}) | ours / it |")
+    say("|---|---|---|---|---|---|")
+    for name, (precision, t, tp) in results.items():
+        ours_t, ours_p = ref[precision][1], ref[precision][2]
+        gbs = n * bytes_per[precision] / t / 1e9
+        row = (f"| {name} | {1 / t:.1f} | {t / ours_t:.2f}x | {gbs:.1f} ({gbs * 1e9 / rates['read']:.0%}) | "
+               + (f"{pre / tp:.0f} | {tp / ours_p:.2f}x |" if tp else "- | - |"))
+        say(row)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="stories260K,stories15M,1.1B")
@@ -218,6 +301,12 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--peers", action="store_true", help="the CPU peer comparison (see above) instead of the "
+                    "default tables; shapes default to stories15M,1.1B")
+    ap.add_argument("--llama2c", default=None, metavar="DIR", help="with --peers: a llama2.c folder holding the "
+                    "compiled run, runq and tokenizer.bin (example: --llama2c ~/src/llama2.c)")
+    ap.add_argument("--peer-prefill", type=int, default=128, help="with --peers: prompt length of the prefill "
+                    "column (default 128)")
     ap.add_argument("--out", "--results", dest="results", default=None,
                     help="append the figures as Markdown to this file (nothing is written without it)")
     a = ap.parse_args()
@@ -240,6 +329,13 @@ def main():
     if device.type == "cpu" and dtype != torch.float32:
         say("NOTE: a non-fp32 dtype was asked for on CPU; the library's CPU default is fp32.")
     rates = machine_rates(device)
+    if a.peers:
+        say(f"measured: read {rates['read'] / 1e9:.1f} GB/s (parallel sum over 256 MB), copy {rates['copy'] / 1e9:.1f}"
+            f" GB/s (read+write); llama kernels: {kernels.isa()}")
+        shapes = a.shapes if "--shapes" in sys.argv else "stories15M,1.1B"
+        for shape in shapes.split(","):
+            peer_table(shape, a, rates, say)
+        return finish(a, lines, say)
     say(f"measured: copy {rates['copy'] / 1e9:.1f} GB/s (read+write), matrix-vector {rates['matvec'] / 1e9:.1f} GB/s, "
         f"fp32 matmul {rates['matmul'] / 1e9:.0f} GFLOP/s")
     say("")
@@ -304,6 +400,10 @@ def main():
                 say(f"| {shape} | {kind} | perplexity, {n} held-out tokens written for this script | | fp32 {ppl32:.3f}"
                     f", int8 {ppl8:.3f} | | change {ppl8 / ppl32 - 1:+.2%} | |")
         del model
+    finish(a, lines, say)
+
+
+def finish(a, lines, say):
     say("")
     say(f"load after: `{os.getloadavg()}`, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
     if a.results:

@@ -274,15 +274,21 @@ def load_local_state_dict(ckpt_dir, expected: Dict[str, torch.Tensor], rank: int
                           readers: Optional[List[ShardReader]] = None) -> Dict[str, torch.Tensor]:
     """The state_dict of one model-parallel rank, checked key by key against ``expected`` (a local model's
     state_dict, e.g. on the meta device): every key present, no extra keys, every shape equal."""
+    return dict(iter_local_tensors(ckpt_dir, expected, rank, world_size, readers))
+
+
+def iter_local_tensors(ckpt_dir, expected: Dict[str, torch.Tensor], rank: int, world_size: int,
+                       readers: Optional[List[ShardReader]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``load_local_state_dict`` one tensor at a time (the names are checked before the first is read), so a
+    caller can turn each into what it keeps (e.g. int8) before the next is read."""
     readers = readers if readers is not None else open_shards(ckpt_dir)
     keys = set(readers[0].keys())
     missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} does not match params.json: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
-            f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"checkpoint {ckpt_dir} does not match params.json: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    state = {}
     for name, ref in expected.items():
         tensor = read_slice(readers, name, rank, world_size)
         if tuple(tensor.shape) != tuple(ref.shape):
@@ -291,8 +297,7 @@ def load_local_state_dict(ckpt_dir, expected: Dict[str, torch.Tensor], rank: int
                 f"(this rank's slice {tuple(tensor.shape)}) but params.json implies {tuple(ref.shape)} per rank; "
                 f"params.json and the shards disagree"
             )
-        state[name] = tensor
-    return state
+        yield name, tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -539,7 +544,8 @@ def expected_shapes(params: dict, vocab_size: int) -> Dict[str, Tuple[int, ...]]
 
 
 class MetaCheckpoint:
-    """A Meta-layout folder: ``params`` (dict), ``vocab_size``, ``local_state_dict(expected, rank, world_size)``."""
+    """A Meta-layout folder: ``params`` (dict), ``vocab_size``, ``local_state_dict(expected, rank, world_size)`` and
+    its one-tensor-at-a-time form ``local_tensors``."""
 
     def __init__(self, ckpt_dir):
         self.ckpt_dir = Path(ckpt_dir)
@@ -571,6 +577,9 @@ class MetaCheckpoint:
 
     def local_state_dict(self, expected: Dict[str, torch.Tensor], rank: int, world_size: int):
         return load_local_state_dict(self.ckpt_dir, expected, rank, world_size, self.readers)
+
+    def local_tensors(self, expected: Dict[str, torch.Tensor], rank: int, world_size: int):
+        return iter_local_tensors(self.ckpt_dir, expected, rank, world_size, self.readers)
 
 
 def is_meta_folder(path) -> bool:

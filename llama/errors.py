@@ -2,9 +2,9 @@
 
 A ``UserError`` is a mistake in what the user gave (a path, a flag, a file's contents); its message names the problem
 and the fix. Every error class of ``llama`` and ``kollama`` derives from it, and handlers catch ``UserError`` itself,
-which lives in a module never run as ``__main__``: ``python -m kollama.vocab`` imports kollama/vocab.py a second time
-under the name ``__main__``, so a handler written against a class of the running module would miss the copy raised
-by the imported one.
+which lives in a module never run as ``__main__``: ``python -m kollama.curriculum`` runs kollama/curriculum.py under
+the name ``__main__``, and a module run that way and also imported exists twice, so a handler written against a
+class of the running module would miss the copy raised by the imported one.
 
 Entry points run through ``run_cli`` (python-fire; it also refuses unknown commands and options before any work) or
 under ``cli_errors()``: a UserError, or an OS error about a path the user named (missing, not a folder, no

@@ -18,8 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog_prompt, has_special_tags
+from llama.cpu_decode import CpuDecoder
 from llama.device import select_device
 from llama.errors import UserError
+from llama.fusion import stack_projections
 from llama.loading import load_model
 from llama.model import Transformer
 from llama.parallel import init_distributed, initialize_model_parallel
@@ -199,11 +201,7 @@ class Llama:
         start_time = time.time()
         tokenizer = Tokenizer(tokenizer_path)
         model = load_model(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, device=device,
-                           dtype=dtype)
-        if quantize is not None:
-            from llama.quantize import quantize_model
-
-            quantize_model(model, quantize)
+                           dtype=dtype, quantize=quantize)
         draft_model = None
         if draft is not None:
             from llama.speculative import load_draft
@@ -219,6 +217,9 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.draft, self.speculate_k = draft, speculate_k
+        for m in (model, draft):
+            if m is not None and stack_projections(m):  # CPU inference weights only; the state_dict is unchanged
+                m.cpu_decoder = CpuDecoder(m)
         # A private generator: sampling never touches torch's global RNG.
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device)

@@ -270,8 +270,8 @@ def is_hf_folder(path) -> bool:
 
 class HFCheckpoint:
     """An HF folder seen as a Meta checkpoint: ``params`` (params.json dict), ``vocab_size``,
-    ``local_state_dict(expected, rank, world_size)``, plus ``keys()``, ``shape(name)`` and ``read(name, rank, ws)``
-    in Meta names and Meta's row order."""
+    ``local_state_dict(expected, rank, world_size)`` (or one tensor at a time: ``local_tensors``), plus ``keys()``,
+    ``shape(name)`` and ``read(name, rank, ws)`` in Meta names and Meta's row order."""
 
     def __init__(self, ckpt_dir):
         self.ckpt_dir = Path(ckpt_dir)
@@ -386,11 +386,14 @@ class HFCheckpoint:
         return tensor
 
     def local_state_dict(self, expected: Dict[str, torch.Tensor], rank: int, world_size: int):
+        return dict(self.local_tensors(expected, rank, world_size))
+
+    def local_tensors(self, expected: Dict[str, torch.Tensor], rank: int, world_size: int):
+        """(name, this rank's tensor) one at a time, checked against ``expected`` (names first, then each shape)."""
         missing, unexpected = sorted(set(expected) - set(self.sources)), sorted(set(self.sources) - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {self.ckpt_dir} does not match its config.json: missing "
                                   f"{[hf_name(m) for m in missing[:5]]}, unexpected {unexpected[:5]}")
-        state = {}
         for name, ref in expected.items():
             tensor = self.read(name, rank, world_size)
             if tuple(tensor.shape) != tuple(ref.shape):
@@ -399,8 +402,7 @@ class HFCheckpoint:
                     f"{tuple(tensor.shape)}) but config.json implies {tuple(ref.shape)} per rank; config.json and "
                     f"the weights disagree"
                 )
-            state[name] = tensor
-        return state
+            yield name, tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from llama.files import sha256_file
 from llama.hf import HFCheckpoint, is_hf_folder
 from llama.model import ModelArgs, Transformer
 from llama.parallel import get_model_parallel_rank, get_model_parallel_world_size
+from llama.quantize import quantized_layer, quantizer
 from llama.tokenizer import Tokenizer
 
 
@@ -42,9 +43,11 @@ def open_checkpoint(ckpt_dir):
 
 
 def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int, max_batch_size: int, *,
-               device: torch.device, dtype: Optional[torch.dtype] = None) -> Transformer:
+               device: torch.device, dtype: Optional[torch.dtype] = None, quantize=None) -> Transformer:
     """This model-parallel rank's shard of ``ckpt_dir`` as an eval-mode Transformer without gradients.
-    Built on the meta device (no memory, no init), then it adopts the loaded tensors."""
+    Built on the meta device (no memory, no init), then it adopts the loaded tensors one by one. ``quantize`` (a
+    ``llama.quantize.quantizer`` mode, e.g. "int8") turns each linear weight into its quantized module as soon as
+    it is read, so the dense model never exists: peak memory is the quantized model plus one dense tensor."""
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(ckpt_dir)
     if tokenizer.n_words != checkpoint.vocab_size:
@@ -58,9 +61,26 @@ def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int,
     model_args = ModelArgs(**params)
     check_kv_cache_fits(model_args, get_model_parallel_world_size(), dtype, device)
     model = Transformer(model_args, device="meta", dtype=dtype)
-    state = checkpoint.local_state_dict(model.state_dict(), get_model_parallel_rank(), get_model_parallel_world_size())
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    factory = quantizer(quantize) if quantize is not None else None
+    state, replaced = {}, []
+    for name, tensor in checkpoint.local_tensors(model.state_dict(), get_model_parallel_rank(),
+                                                 get_model_parallel_world_size()):
+        kept = tensor.to(device=device, dtype=dtype)
+        layer = quantized_layer(model, name) if factory is not None else None
+        if layer is not None:
+            with torch.no_grad():
+                layer.replace_local_linear(factory(kept))
+            replaced.append(name.rpartition(".")[0])
+            continue
+        if factory is not None and kept.data_ptr() == tensor.data_ptr():
+            # A memory-mapped checkpoint stays mapped, with the pages of every weight read through it, as long as
+            # one tensor still points into it: keep a copy instead.
+            kept = kept.clone()
+        state[name] = kept
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # As strict=True, except for the quantized modules made above (their buffers are already in place).
+    stray = unexpected + [k for k in missing if k.rpartition(".local_linear.")[0] not in replaced]
+    assert not stray, stray
     model.init_buffers(device, dtype)
     return model.requires_grad_(False).eval()
 

@@ -1,6 +1,6 @@
 """The Llama 2 transformer, numerically and by parameter name the same as Meta's reference ``llama/model.py``.
 
-Differences from Meta's file, none of them visible in the state_dict or the logits:
+Differences from Meta's file, none of them visible in the state_dict, and in the logits at most as float rounding:
 * the linears and the embedding are ``llama.parallel`` layers, which need no process group at model parallel size 1;
 * rotary embedding uses real cos/sin tables (the same interleaved pairing as Meta's complex multiply);
 * attention runs through ``scaled_dot_product_attention`` (grouped-query heads via ``enable_gqa``, no copies of the
@@ -8,7 +8,10 @@ Differences from Meta's file, none of them visible in the state_dict or the logi
   writing from an earlier position);
 * one trunk (``hidden_states``) serves prefill, chunked prefill and decode; ``forward(..., use_cache=False)`` skips
   the cache for training; a tensor ``start_pos`` gives the static-shape single-token step (fixed-size cache and
-  mask) that ``torch.compile`` can capture once, with CUDA graphs on GPUs.
+  mask) that ``torch.compile`` can capture once, with CUDA graphs on GPUs;
+* on the CPU at inference in fp32, the small products, RMSNorm, rotary embedding, SiLU-gate and attention over the
+  cache run in llama/kernels (the same formulas, one call each instead of several torch ops), and a batch-1 decode
+  step may run every layer in one call (``cpu_decoder``, llama/cpu_decode.py); ``LLAMA_NO_KERNELS=1`` turns both off.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama import kernels
 from llama.errors import UserError
 from llama.parallel import (
     ColumnParallelLinear,
@@ -97,6 +101,8 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fast(x, self.weight):  # fp32 CPU inference: one call instead of seven ops
+            return kernels.rms_norm(x, self.weight, self.eps)
         # fp32 statistics, cast back, then scale: the order matters for bf16/fp16 equality with Meta.
         return self._norm(x.float()).type_as(x) * self.weight
 
@@ -116,6 +122,8 @@ def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     One complex multiply, as Meta's code, instead of the equivalent real arithmetic: (x0 + i x1)(cos + i sin) =
     (x0 cos - x1 sin) + i (x0 sin + x1 cos). It is one kernel instead of seven, which matters per decode step.
     """
+    if kernels.fast(x):
+        return kernels.rotary(x, rope)
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
     if torch.compiler.is_compiling():
         # Inductor generates no code for complex ops; the real form fuses into one kernel there instead.
@@ -171,6 +179,16 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
+def causal_mask(seqlen: int, start_pos: int, device) -> Optional[torch.Tensor]:
+    """(S, P+S) boolean mask: query i (at position P+i) sees keys 0..P+i. None when S == 1 (the one query sees
+    everything) and when P == 0 (the square causal mask, which attention applies with is_causal)."""
+    if seqlen == 1 or start_pos == 0:
+        return None
+    key_pos = torch.arange(start_pos + seqlen, device=device)
+    query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, *, device=None, dtype=None):
         super().__init__()
@@ -187,23 +205,35 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
         self.cache = KVCache(args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim, **kw)
+        self.stacked_qkv = None  # wq|wk|wv as one product at inference (llama.fusion.stack_projections)
 
     def forward(self, x: torch.Tensor, start_pos, rope: torch.Tensor, mask: Optional[torch.Tensor],
                 use_cache: bool = True) -> torch.Tensor:
-        """``start_pos``: an int, or a 1-element long tensor for the static-shape decode step (see KVCache)."""
+        """``start_pos``: an int, or a 1-element long tensor for the static-shape decode step (see KVCache).
+        ``mask``: None means causal (query i, at position start_pos + i, sees keys 0..start_pos + i)."""
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.stacked_qkv is not None and self.stacked_qkv.usable():
+            xq, xk, xv = self.stacked_qkv(x)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, rope), apply_rotary_emb(xk, rope)
 
         keys, values = self.cache.update(start_pos, xk, xv) if use_cache else (xk, xv)
+        if mask is None and use_cache and isinstance(start_pos, int):
+            if seqlen <= kernels.F32_MAX_ROWS and kernels.fast(xq, keys):
+                # fp32 CPU decode (and short verification steps): one call over the cache, not SDPA's ~10 ops.
+                out = kernels.attention(xq, self.cache.k, self.cache.v, start_pos)
+                return self.wo(out.view(bsz, seqlen, -1))
+            mask = causal_mask(seqlen, start_pos, x.device)  # None for one query, and from position 0
 
         # (bsz, heads, seq, head_dim). Query head h reads kv head h // n_rep: contiguous groups, as Meta's repeat_kv;
         # enable_gqa does that inside the kernel instead of materialising n_rep copies of the keys and values.
         q, k, v = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        # No mask and several queries means the square causal case (see Transformer.causal_mask): is_causal lets
-        # the kernel skip the masked half instead of reading a boolean mask.
+        # No mask and several queries is the square causal case (see causal_mask): is_causal lets the kernel skip
+        # the masked half instead of reading a boolean mask.
         is_causal = mask is None and seqlen > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=self.n_rep > 1)
@@ -217,9 +247,14 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
+        self.stacked_w13 = None  # w1|w3 as one product at inference (llama.fusion.stack_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.stacked_w13 is not None and self.stacked_w13.usable():
+            gate, up = self.stacked_w13(x)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(kernels.silu_mul(gate, up) if kernels.fast(gate, up) else F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -257,6 +292,7 @@ class Transformer(nn.Module):
         # Twice max_seq_len positions, as Meta's table, so a slightly longer context does not index out of range.
         rope = precompute_rope(params.head_dim, params.max_seq_len * 2, params.rope_theta, device=device)
         self.register_buffer("rope", rope, persistent=False)
+        self.cpu_decoder = None  # batch-1 CPU decode in one call, set for inference (llama.cpu_decode.CpuDecoder)
 
     def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate the rope table and KV caches on ``device``; used after loading weights into a meta model."""
@@ -281,16 +317,6 @@ class Transformer(nn.Module):
                 f"send fewer rows or build with a larger max_batch_size"
             )
 
-    @staticmethod
-    def causal_mask(seqlen: int, start_pos: int, device) -> Optional[torch.Tensor]:
-        """(S, P+S) boolean mask: query i (at position P+i) sees keys 0..P+i. None when S == 1 (the one query
-        sees everything) and when P == 0 (the square causal mask, which attention applies with is_causal)."""
-        if seqlen == 1 or start_pos == 0:
-            return None
-        key_pos = torch.arange(start_pos + seqlen, device=device)
-        query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
-        return key_pos[None, :] <= query_pos[:, None]
-
     def hidden_states(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, *, use_cache: bool = True,
                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-norm hidden states (bsz, seqlen, dim): the one trunk behind prefill, chunked prefill and decode.
@@ -307,9 +333,12 @@ class Transformer(nn.Module):
         else:
             self.check_bounds(bsz, start_pos, seqlen, use_cache)
             rope = self.rope[start_pos : start_pos + seqlen]
-            if mask is None:
-                mask = self.causal_mask(seqlen, start_pos if use_cache else 0, tokens.device)
         h = self.tok_embeddings(tokens)
+        if self.cpu_decoder is not None and bsz == seqlen == 1 and use_cache and mask is None \
+                and isinstance(start_pos, int):
+            out = self.cpu_decoder(h, start_pos)  # every layer in one C call (llama/cpu_decode.py), or None
+            if out is not None:
+                return self.norm(out)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask, use_cache)
         return self.norm(h)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from llama import kernels
 from llama.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ class ParallelLinear(nn.Module):
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.local_linear is not None:
             return self.local_linear(x)
-        return F.linear(x, self.weight)
+        return kernels.linear(x, self.weight)
 
     def replace_local_linear(self, module: nn.Module) -> None:
         """Compute this rank's product with ``module`` (e.g. a quantized copy of ``self.weight``) and free the

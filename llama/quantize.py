@@ -4,126 +4,28 @@ Quantization happens after model-parallel sharding: each ``ParallelLinear`` keep
 its local product through ``layer.replace_local_linear(Int8Linear.from_weight(layer.weight))``, so a quantized
 model runs under torchrun exactly as a dense one.
 
-Kernels. Decode is a matrix-vector product, bound by reading the weights, so int8 should be ~4x less traffic
-than fp32. PyTorch 2.13's own CPU kernels for this are slower than the fp32 GEMV on the machine we measured
-(``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``: see benchmarks/RESULTS.md), so for int8 on
-CPU a small C kernel (AVX-512 / AVX2, OpenMP) is compiled with the system C compiler on first use and cached
-(llama/kernel_cache.py: only from a private folder, and only a library matching the digest of our own build is
-loaded); it is registered as a torch custom op so ``torch.compile`` can call it. Without a C compiler, or on CUDA,
-int8 falls back to ``F.linear(x, q.to(x.dtype)) * scale`` (which torch.compile fuses on CUDA). int4 uses PyTorch's
-tinygemm kernels on both devices (``_weight_int4pack_mm`` on CUDA, ``_weight_int4pack_mm_for_cpu`` on CPU).
+Kernels. On the CPU an fp32 model's int8 linears use llama/kernels (``q8_mm``): the activations are quantized to
+int8 per block of 64 inputs on the fly (as llama.cpp's q8_0 and llama2.c's runq.c do) and multiplied with integer
+dot products (VNNI where the CPU has it), for decode and prefill alike; the kernel is registered as a torch custom
+op so ``torch.compile`` can call it. Without a C compiler, or on CUDA, int8 falls back to weight-only
+``F.linear(x, q.to(x.dtype)) * scale`` (which torch.compile fuses on CUDA). int4 uses PyTorch's tinygemm kernels on
+both devices (``_weight_int4pack_mm`` on CUDA, ``_weight_int4pack_mm_for_cpu`` on CPU).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import subprocess
-import threading
-import warnings
 from typing import Callable, Dict, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import kernel_cache
+from llama import kernels
 from llama.errors import UserError
 
-# Rows of activations up to which the int8 kernel is used; above it (prefill) the product is compute bound and
-# dequantizing the weight once for a BLAS GEMM is faster.
-KERNEL_MAX_ROWS = 32
-SMALL_PRODUCT = 1 << 18  # multiply-adds below which the kernel runs single-threaded
-
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <immintrin.h>
-/* y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; x (M, K) fp32, q (N, K) int8, y (M, N) fp32, all row-major.
-   Each weight row is read from memory once and converted once per 4 activation rows. */
-static void rows4(const float* x, int64_t M, int64_t K, const int8_t* q, float* acc) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    int64_t mb = M - m0 < 4 ? M - m0 : 4, k = 0;
-    const float* xr = x + m0 * K;
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX512F__)
-    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (; k + 16 <= K; k += 16) {
-      __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k))));
-      for (int64_t i = 0; i < mb; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i * K + k), w, a[i]);
-    }
-    for (int64_t i = 0; i < mb; i++) s[i] = _mm512_reduce_add_ps(a[i]);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; k + 8 <= K; k += 8) {
-      __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + k))));
-      for (int64_t i = 0; i < mb; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i * K + k), w, a[i]);
-    }
-    for (int64_t i = 0; i < mb; i++) {
-      float t[8]; _mm256_storeu_ps(t, a[i]);
-      for (int j = 0; j < 8; j++) s[i] += t[j];
-    }
-#endif
-    for (; k < K; k++)
-      for (int64_t i = 0; i < mb; i++) s[i] += xr[i * K + k] * (float)q[k];
-    for (int64_t i = 0; i < mb; i++) acc[m0 + i] = s[i];
-  }
-}
-void int8_mm(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
-             int threads) {
-  /* dynamic chunks: on a shared machine one preempted thread must not hold the others back */
-  #pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
-  for (int64_t n = 0; n < N; n++) {
-    float acc[64];
-    for (int64_t m0 = 0; m0 < M; m0 += 64) {
-      int64_t mb = M - m0 < 64 ? M - m0 : 64;
-      rows4(x + m0 * K, mb, K, q + n * K, acc);
-      for (int64_t i = 0; i < mb; i++) y[(m0 + i) * N + n] = acc[i] * scale[n];
-    }
-  }
-}
-"""
-
-_LIB = None  # ctypes handle, False when the kernel could not be built or its cache is not safe to load from
-_LIB_LOCK = threading.Lock()  # one build per process, even when threads quantize at once
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
-
-def _load_kernel():
-    """Compile (once per machine, cached: llama/kernel_cache.py) and load the int8 CPU kernel; None when it cannot
-    be built or the cache is not private (one warning says why)."""
-    global _LIB
-    with _LIB_LOCK:
-        if _LIB is None:
-            try:
-                lib = kernel_cache.load_library("int8_mm", _C_SOURCE, _CFLAGS)
-                lib.int8_mm.restype = None
-                lib.int8_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-                _LIB = lib
-            except kernel_cache.UnsafeCacheError as e:
-                warnings.warn(f"int8 CPU kernel not used: {e}; int8 falls back to dequantize + matmul.")
-                _LIB = False
-            except (OSError, subprocess.SubprocessError) as e:
-                detail = getattr(e, "stderr", "") or e
-                warnings.warn(f"the int8 CPU kernel could not be built ({str(detail)[:300]}); int8 falls back to "
-                              f"dequantize + matmul, which is correct but not faster than fp32. Install gcc (or set "
-                              f"CC).")
-                _LIB = False
-    return _LIB or None
-
-
-def _int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ (q (N, K) int8 * scale (N,))^T on CPU with the C kernel."""
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
-    # Waking a thread team costs more than a small product itself (tens of microseconds): small ones run on one.
-    threads = torch.get_num_threads() if q.numel() * x.shape[0] >= SMALL_PRODUCT else 1
-    _load_kernel().int8_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0],
-                           x.shape[1], threads)
-    return y
-
-
-# The same function as a custom op, for torch.compile (opaque to the tracer). Eager code calls _int8_mm directly:
+# The kernel as a custom op, for torch.compile (opaque to the tracer). Eager code calls kernels.q8_mm directly:
 # custom-op dispatch costs tens of microseconds per call, as much as a small model's whole product.
-int8_weight_mm = torch.library.custom_op("llama::int8_weight_mm", _int8_mm, mutates_args=())
+int8_weight_mm = torch.library.custom_op("llama::int8_weight_mm", kernels.q8_mm, mutates_args=())
 
 
 @int8_weight_mm.register_fake
@@ -135,7 +37,8 @@ class Int8Linear(nn.Module):
     """y = x (q * scale)^T with q int8 (N, K) and one fp scale per output channel (row).
 
     Symmetric per-row quantization: scale = max|w_row| / 127, q = round(w / scale); each weight is off by at
-    most scale / 2, i.e. |w - q*scale| <= max|w_row| / 254.
+    most scale / 2, i.e. |w - q*scale| <= max|w_row| / 254. Through the CPU kernel the activations are rounded
+    the same way per block of 64 inputs (off by at most max|x_block| / 254 each).
     """
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
@@ -144,7 +47,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
         # Decided once here, not per call: forward stays free of file and compiler work (and traceable).
-        self.use_kernel = weight_int8.device.type == "cpu" and _load_kernel() is not None
+        self.use_kernel = (weight_int8.device.type == "cpu" and scales.dtype == torch.float32
+                           and kernels.available())
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
@@ -159,8 +63,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.use_kernel and x.dtype == torch.float32 and x2.shape[0] <= KERNEL_MAX_ROWS:
-            mm = int8_weight_mm if torch.compiler.is_compiling() else _int8_mm
+        if self.use_kernel and x.dtype == torch.float32:
+            mm = int8_weight_mm if torch.compiler.is_compiling() else kernels.q8_mm
             y = mm(x2, self.weight_int8, self.scales)
         else:
             y = F.linear(x2, self.weight_int8.to(x.dtype)) * self.scales
@@ -240,7 +144,7 @@ class Int4Linear(nn.Module):
 
 
 # name -> factory(weight) returning a local linear module. Other packages add formats through register_quantizer,
-# called explicitly (kollama.nf4.register() adds "nf4"), never as a side effect of importing a module.
+# called explicitly (kollama.adapters.nf4.register() adds "nf4"), never as a side effect of importing a module.
 QUANTIZERS: Dict[str, Callable[..., nn.Module]] = {"int8": Int8Linear.from_weight, "int4": Int4Linear.from_weight}
 
 
@@ -249,33 +153,45 @@ def register_quantizer(name: str, from_weight: Callable[..., nn.Module]) -> None
     QUANTIZERS[name] = from_weight
 
 
+def quantizer(mode: Union[str, Callable[..., nn.Module]], group_size: int = 128) -> Callable[..., nn.Module]:
+    """The factory ``weight -> local linear module`` of a registered name ("int8", "int4", "nf4" once
+    kollama.adapters.nf4.register() ran) or of a factory given as is."""
+    if callable(mode):
+        return mode
+    if mode in QUANTIZERS:
+        factory = QUANTIZERS[mode]
+        return functools.partial(factory, group_size=group_size) if mode == "int4" else factory
+    if mode == "nf4":
+        raise UserError("quantize='nf4' is provided by kollama: use kollama.inference.build(..., quantize='nf4'), "
+                        "or call kollama.adapters.nf4.register() once (or pass "
+                        "quantize=kollama.adapters.nf4.NF4Linear.from_weight)")
+    raise UserError(f"unknown quantize mode {mode!r}; choose one of {sorted(QUANTIZERS)} (or None)")
+
+
+def quantized_layer(model: nn.Module, param_name: str, include_output: bool = True):
+    """The ParallelLinear whose weight ``param_name`` is (e.g. "layers.0.attention.wq.weight"), when quantization
+    replaces it; else None."""
+    from llama.parallel import ParallelLinear  # local: llama.parallel imports nothing from here
+
+    path, _, leaf = param_name.rpartition(".")
+    if leaf != "weight" or (path == "output" and not include_output):
+        return None
+    layer = model.get_submodule(path)
+    return layer if isinstance(layer, ParallelLinear) and layer.weight is not None else None
+
+
 def quantize_model(model: nn.Module, mode: Union[str, Callable[..., nn.Module]], *, include_output: bool = True,
                    group_size: int = 128) -> nn.Module:
     """Replace every ParallelLinear's local product by a quantized one, in place, one layer at a time (so the
-    dense weights are freed as we go). Call after loading this rank's shard. ``mode`` is a registered name
-    ("int8", "int4", "nf4" once kollama.nf4.register() ran) or a factory ``weight -> module``.
+    dense weights are freed as we go). Call after loading this rank's shard (``llama.load_model(..., quantize=)``
+    does it while loading, so the dense model never exists). ``mode``: see ``quantizer``.
     ``include_output=False`` keeps the classifier dense (it is the largest single matrix, and the most sensitive)."""
-    from llama.parallel import ParallelLinear  # local: llama.parallel imports nothing from here
-
-    if callable(mode):
-        factory = mode
-    elif mode in QUANTIZERS:
-        factory = QUANTIZERS[mode]
-        if mode == "int4":
-            factory = functools.partial(factory, group_size=group_size)
-    elif mode == "nf4":
-        raise UserError("quantize='nf4' is provided by kollama: use kollama.inference.build(..., quantize='nf4'), "
-                         "or call kollama.nf4.register() once (or pass quantize=kollama.nf4.NF4Linear.from_weight)")
-    else:
-        raise UserError(f"unknown quantize mode {mode!r}; choose one of {sorted(QUANTIZERS)} (or None)")
-    for name, layer in model.named_modules():
-        if not isinstance(layer, ParallelLinear) or layer.weight is None:
-            continue
-        if name.split(".")[0] == "output" and not include_output:
-            continue
-        with torch.no_grad():
-            q = factory(layer.weight)
-        layer.replace_local_linear(q)
+    factory = quantizer(mode, group_size)
+    for name, _ in list(model.named_parameters()):
+        layer = quantized_layer(model, name, include_output)
+        if layer is not None:
+            with torch.no_grad():
+                layer.replace_local_linear(factory(layer.weight))
     return model
 
 
@@ -288,4 +204,5 @@ def quantized_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["Int8Linear", "Int4Linear", "quantize_model", "quantized_bytes", "register_quantizer", "QUANTIZERS"]
+__all__ = ["Int8Linear", "Int4Linear", "quantize_model", "quantizer", "quantized_layer", "quantized_bytes",
+           "register_quantizer", "QUANTIZERS"]

@@ -1,4 +1,4 @@
-"""The int8 kernel cache loads only libraries it built itself: a planted, corrupt or truncated .so is rebuilt, never
+"""The CPU kernel cache loads only libraries it built itself: a planted, corrupt or truncated .so is rebuilt, never
 dlopen'ed; a cache (folder or file) that others could write is refused with one warning; the folder is made 0700
 whatever the umask. Each test points LLAMA_KERNEL_CACHE at its own folder and starts from an unloaded kernel."""
 import hashlib
@@ -11,18 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import quantize
+from llama import kernels
 from llama.quantize import Int8Linear
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) is None, reason="no C compiler")
 
 MARKER_ENV = "KERNEL_CACHE_TEST_MARKER"
-# dlopen runs constructors: if this library is ever loaded, the marker file appears. It also exports int8_mm, so
-# code that loads it without checking would take it for the kernel.
+# dlopen runs constructors: if this library is ever loaded, the marker file appears. It also exports the kernels'
+# names, so code that loads it without checking would take it for the kernels.
 PLANTED_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
-void int8_mm(void) {}
+void f32_mm(void) {}
+void q8_linear(void) {}
+const char* llama_kernel_isa(void) { return "planted"; }
+int llama_kernel_qblock(void) { return 64; }
 __attribute__((constructor)) static void planted(void) {
   const char* p = getenv("%s");
   FILE* f = p ? fopen(p, "w") : 0;
@@ -32,14 +35,14 @@ __attribute__((constructor)) static void planted(void) {
 
 
 def _load_into(folder):
-    """_load_kernel with the cache at ``folder`` and nothing loaded yet; restores both."""
-    before_env, before_lib = os.environ.get("LLAMA_KERNEL_CACHE"), quantize._LIB
+    """kernels._library() with the cache at ``folder`` and nothing loaded yet; restores both."""
+    before_env, before_lib = os.environ.get("LLAMA_KERNEL_CACHE"), kernels._LIB
     os.environ["LLAMA_KERNEL_CACHE"] = str(folder)
-    quantize._LIB = None
+    kernels._LIB = None
     try:
-        return quantize._load_kernel()
+        return kernels._library()
     finally:
-        quantize._LIB = before_lib
+        kernels._LIB = before_lib
         if before_env is None:
             del os.environ["LLAMA_KERNEL_CACHE"]
         else:
@@ -78,7 +81,7 @@ def cache(tmp_path, genuine, monkeypatch):
     shutil.copytree(genuine, folder)
     os.chmod(folder, 0o700)
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(folder))
-    monkeypatch.setattr(quantize, "_LIB", None)
+    monkeypatch.setattr(kernels, "_LIB", None)
     (so,) = folder.glob("*.so")
     return so
 
@@ -86,9 +89,8 @@ def cache(tmp_path, genuine, monkeypatch):
 def _kernel_matches_reference():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(40, 24, generator=g), torch.randn(3, 24, generator=g)
-    layer = Int8Linear.from_weight(w)
-    assert layer.use_kernel
-    assert torch.allclose(layer(x), F.linear(x, layer.dequantize()), atol=1e-5)
+    assert Int8Linear.from_weight(w).use_kernel and kernels.isa() != "planted"
+    assert torch.allclose(kernels.f32_mm(x, w), F.linear(x, w), atol=1e-5)
 
 
 def _digest_ok(so):
@@ -102,7 +104,7 @@ def test_planted_library_is_never_loaded_and_the_kernel_is_rebuilt(cache, plante
         (cache.parent / (cache.name + ".sha256")).unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert quantize._load_kernel() is not None
+        assert kernels._library() is not None
     assert not marker.exists(), "the planted library was dlopen'ed"
     assert cache.read_bytes() != planted_bytes and _digest_ok(cache)
     _kernel_matches_reference()
@@ -124,7 +126,7 @@ def test_cache_others_could_write_is_refused(cache, planted_bytes, marker, monke
         monkeypatch.setattr(os, "getuid", lambda: uid + 1)
         expect = [str(cache.parent), f"owned by uid {uid}", "LLAMA_KERNEL_CACHE"]
     with pytest.warns(UserWarning) as record:
-        assert quantize._load_kernel() is None
+        assert kernels._library() is None
     assert not marker.exists(), "a library was loaded from an unsafe cache"
     (w,) = record
     message = str(w.message)
@@ -137,10 +139,10 @@ def test_cache_others_could_write_is_refused(cache, planted_bytes, marker, monke
 def test_cache_folder_is_private_even_under_umask_000(tmp_path, monkeypatch):
     folder = tmp_path / "made_here" / "cache"
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(folder))
-    monkeypatch.setattr(quantize, "_LIB", None)
+    monkeypatch.setattr(kernels, "_LIB", None)
     old = os.umask(0)
     try:
-        assert quantize._load_kernel() is not None
+        assert kernels._library() is not None
     finally:
         os.umask(old)
     for d in (folder.parent, folder):

@@ -1,0 +1,121 @@
+"""One C call per decode step on the CPU: llama/kernels/cpu.c's ``decode_layers`` (llama2.c's forward) over the
+model's own tensors.
+
+A batch-1 decode step of a small model is mostly overhead: ~20 Python-level calls per layer, each a few
+microseconds, around products that take a few microseconds themselves. ``CpuDecoder`` hands the whole layer stack
+to C instead: it reads the weights (fp32, or int8 with their scales) and the KV caches in place, so nothing is
+copied and the module path and this one always see the same tensors. The kernels and their order are those of the
+module path, so the hidden state is the same, bit for bit (tests/test_cpu_decode.py).
+
+When it applies: one process (no tensor parallelism), fp32 activations on the CPU, every block's projections
+stacked (llama.fusion) and all of them plain fp32 or all int8 (``Int8Linear``), batch 1, one new token, the
+default causal mask. Anything else (an adapter module, NF4, another dtype, a weight replaced since) makes
+``__call__`` return None and the model runs its modules as usual.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from llama import kernels
+from llama.fusion import StackedLinear
+from llama.parallel import get_model_parallel_world_size
+from llama.quantize import Int8Linear
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("wqkv", "wo", "w13", "w2", "sqkv", "so", "s13", "s2", "attn_norm",
+                                               "ffn_norm", "k_cache", "v_cache")]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("dim", "hidden", "n_heads", "n_kv_heads", "head_dim", "t_max")] + [
+        ("eps", ctypes.c_float), ("int8", ctypes.c_int), ("threads", ctypes.c_int)]
+
+
+def _product(module: nn.Module, int8: bool) -> Optional[List[torch.Tensor]]:
+    """[weight] of a dense local product or [weight_int8, scales] of an int8 one, matching ``int8``; else None."""
+    if isinstance(module, StackedLinear):
+        module = module.product
+        if isinstance(module, Int8Linear):
+            return [module.weight_int8, module.scales] if int8 else None
+        return None if int8 else [module.weight]
+    if module.local_linear is None:  # a ParallelLinear
+        return None if int8 or module.weight is None else [module.weight]
+    local = module.local_linear
+    return [local.weight_int8, local.scales] if int8 and isinstance(local, Int8Linear) else None
+
+
+class CpuDecoder:
+    """The layer stack of ``model`` as one ``decode_layers`` call (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._key = None  # the data pointers the cached table was built from
+        self._table = self._dims = self._scratch = None
+
+    def _tensors(self) -> Optional[list]:
+        """Per layer, the tensors ``decode_layers`` reads, or None when a layer does not fit (see the docstring)."""
+        layers = []
+        int8 = None
+        for block in self.model.layers:
+            attn, ffn = block.attention, block.feed_forward
+            if attn.stacked_qkv is None or ffn.stacked_w13 is None:
+                return None
+            if not (attn.stacked_qkv.usable() and ffn.stacked_w13.usable()):
+                return None
+            if int8 is None:
+                int8 = isinstance(attn.stacked_qkv.product, Int8Linear)
+            parts = [_product(m, int8) for m in (attn.stacked_qkv, attn.wo, ffn.stacked_w13, ffn.w2)]
+            if any(p is None for p in parts):
+                return None
+            norms = [block.attention_norm.weight, block.ffn_norm.weight]
+            cache = [attn.cache.k, attn.cache.v]
+            if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in norms + cache) or \
+                    any(not t.is_contiguous() for p in parts for t in p):
+                return None
+            layers.append((parts, norms, cache))
+        return [int8, layers]
+
+    def __call__(self, h: torch.Tensor, start_pos: int) -> Optional[torch.Tensor]:
+        """The hidden state (1, 1, dim) after every layer for the token at ``start_pos``, the caches updated; None
+        when this model cannot take the C path now."""
+        if get_model_parallel_world_size() != 1 or not kernels.fast(h):
+            return None
+        found = self._tensors()
+        if found is None:
+            return None
+        int8, layers = found
+        key = (int8, torch.get_num_threads(),
+               tuple(t.data_ptr() for parts, norms, cache in layers for t in (*sum(parts, []), *norms, *cache)))
+        if key != self._key:
+            self._build(int8, layers)
+            self._key = key
+        x = h.reshape(-1).clone()
+        rope = self.model.rope[start_pos].contiguous()
+        if kernels._LIB.decode_layers(ctypes.addressof(self._dims), ctypes.addressof(self._table), len(layers),
+                                      x.data_ptr(), rope.data_ptr(), start_pos, self._scratch.data_ptr()):
+            raise MemoryError("no memory for the attention scores of a decode step")
+        return x.view(1, 1, -1)
+
+    def _build(self, int8: bool, layers: list) -> None:
+        p = self.model.params
+        attn = self.model.layers[0].attention
+        hidden = self.model.layers[0].feed_forward.w2.in_features
+        self._dims = _Dims(dim=p.dim, hidden=hidden, n_heads=attn.n_local_heads, n_kv_heads=attn.n_local_kv_heads,
+                           head_dim=attn.head_dim, t_max=attn.cache.k.shape[1],
+                           eps=self.model.layers[0].attention_norm.eps, int8=int(int8),
+                           threads=torch.get_num_threads())
+        table = (_Layer * len(layers))()
+        for entry, (parts, norms, cache) in zip(table, layers):
+            (entry.wqkv, *s0), (entry.wo, *s1), (entry.w13, *s2), (entry.w2, *s3) = [
+                [t.data_ptr() for t in part] for part in parts]
+            entry.sqkv, entry.so, entry.s13, entry.s2 = [(s[0] if s else None) for s in (s0, s1, s2, s3)]
+            entry.attn_norm, entry.ffn_norm = norms[0].data_ptr(), norms[1].data_ptr()
+            entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
+        self._table = table
+        kv_dim = attn.n_local_kv_heads * attn.head_dim
+        self._scratch = torch.empty(4 * p.dim + 2 * kv_dim + 3 * hidden)
