@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_decode import NoEos, load_model, timed  # noqa: E402
+from llama.cpu_decode import prepare_inference  # noqa: E402
 from llama.generation import Llama, TokenBatch  # noqa: E402
 from llama.quantize import quantize_model  # noqa: E402
 from llama.sampling import Sampler  # noqa: E402
@@ -56,7 +57,7 @@ def cpu_flags() -> str:
 
 def run_shape(shape: str, tokens: int, ks, n_prompts: int) -> list:
     model, tok, kind = load_model(shape, torch.device("cpu"), torch.float32, max_seq_len=tokens + 64, max_batch=1)
-    draft = quantize_model(copy.deepcopy(model), "int8")
+    draft = prepare_inference(quantize_model(copy.deepcopy(model), "int8"))  # as Llama.build(draft="int8")
     if tok is not None:
         prompts = [tok.encode(s, bos=True, eos=False) for s in STARTS[:n_prompts]]
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from llama import Llama
-from llama.fusion import stack_projections
+from llama.cpu_decode import prepare_inference
 from llama.quantize import quantize_model
 from kollama.adapters import nf4
 from kollama.adapters.adapter import apply_adapter
@@ -32,5 +32,5 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
                       allow_base_mismatch=allow_base_mismatch)
         if quantize:
             quantize_model(llama.model, quantize)
-            stack_projections(llama.model)  # the int8 weights replaced the dense ones Llama stacked
+            prepare_inference(llama.model)  # the int8 weights replaced the dense ones Llama stacked
     return llama

@@ -2,7 +2,8 @@
 
 The public API (what ``kollama`` and users import): the names below, and the modules ``llama.parallel``,
 ``llama.chat_format``, ``llama.checkpoint``, ``llama.quantize`` (with ``register_quantizer``, the hook for other
-formats), ``llama.fusion``, ``llama.kernels``, ``llama.errors`` and ``llama.files``."""
+formats), ``llama.fusion``, ``llama.cpu_decode`` (``prepare_inference``), ``llama.kernels``, ``llama.errors`` and
+``llama.files``."""
 from llama.chat_format import Dialog, Message
 from llama.generation import ChatPrediction, CompletionPrediction, Llama, TokenBatch, generate_tokens
 from llama.loading import load_model

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llama import kernels
-from llama.fusion import StackedLinear
+from llama.fusion import StackedLinear, stack_projections, to_huge_pages
 from llama.parallel import get_model_parallel_world_size
 from llama.quantize import Int8Linear
 
@@ -54,7 +54,7 @@ class CpuDecoder:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._key = None  # the data pointers the cached table was built from
+        self._watch = None  # what the cached table was built from (see _unchanged)
         self._table = self._dims = self._scratch = None
 
     def _tensors(self) -> Optional[list]:
@@ -80,24 +80,34 @@ class CpuDecoder:
             layers.append((parts, norms, cache))
         return [int8, layers]
 
+    def _unchanged(self) -> bool:
+        """Whether everything the table was built from is still in place: the same linears' weights or local
+        modules, the same stacked products, and every tensor at the same address (cheaper than ``_tensors``,
+        which runs only when this says no)."""
+        holders, pointers, threads = self._watch
+        if threads != torch.get_num_threads() or torch.is_grad_enabled():
+            return False
+        for layer, weight, local in holders:
+            if layer._parameters.get("weight") is not weight or getattr(layer, "local_linear", None) is not local:
+                return False
+        return all(t.data_ptr() == p for t, p in pointers)
+
     def __call__(self, h: torch.Tensor, start_pos: int) -> Optional[torch.Tensor]:
         """The hidden state (1, 1, dim) after every layer for the token at ``start_pos``, the caches updated; None
         when this model cannot take the C path now."""
         if get_model_parallel_world_size() != 1 or not kernels.fast(h):
             return None
-        found = self._tensors()
-        if found is None:
-            return None
-        int8, layers = found
-        key = (int8, torch.get_num_threads(),
-               tuple(t.data_ptr() for parts, norms, cache in layers for t in (*sum(parts, []), *norms, *cache)))
-        if key != self._key:
-            self._build(int8, layers)
-            self._key = key
+        if self._watch is None or not self._unchanged():
+            found = self._tensors()
+            if found is None:
+                self._watch = None
+                return None
+            self._build(*found)
         x = h.reshape(-1).clone()
         rope = self.model.rope[start_pos].contiguous()
-        if kernels._LIB.decode_layers(ctypes.addressof(self._dims), ctypes.addressof(self._table), len(layers),
-                                      x.data_ptr(), rope.data_ptr(), start_pos, self._scratch.data_ptr()):
+        if kernels._LIB.decode_layers(ctypes.addressof(self._dims), ctypes.addressof(self._table),
+                                      len(self.model.layers), x.data_ptr(), rope.data_ptr(), start_pos,
+                                      self._scratch.data_ptr()):
             raise MemoryError("no memory for the attention scores of a decode step")
         return x.view(1, 1, -1)
 
@@ -119,3 +129,24 @@ class CpuDecoder:
         self._table = table
         kv_dim = attn.n_local_kv_heads * attn.head_dim
         self._scratch = torch.empty(4 * p.dim + 2 * kv_dim + 3 * hidden)
+        # What _unchanged compares: every linear's weight / local module, and every tensor read (the stacked
+        # products', the separate layers' views of them, norms, caches) with its address.
+        holders, tensors = [], []
+        for block, (parts, norms, cache) in zip(self.model.layers, layers):
+            attn, ffn = block.attention, block.feed_forward
+            for layer in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3):
+                local = getattr(layer, "local_linear", None)
+                holders.append((layer, layer._parameters.get("weight"), local))
+                tensors += [layer.weight] if local is None else [local.weight_int8, local.scales]
+            tensors += [t for part in parts for t in part] + norms + cache
+        self._watch = (holders, [(t, t.data_ptr()) for t in tensors], torch.get_num_threads())
+
+
+def prepare_inference(model: nn.Module) -> nn.Module:
+    """Stack the projections of an inference model (llama.fusion; CPU weights without gradients only), put the
+    other streamed weights in huge pages, and attach the one-call decoder where anything was stacked. ``Llama`` does this for its models; call it again after replacing
+    weights (quantizing, applying an adapter) so the stacked products are rebuilt."""
+    if stack_projections(model):
+        to_huge_pages(model)
+        model.cpu_decoder = CpuDecoder(model)
+    return model

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from llama import kernels
 from llama.parallel import ColumnParallelLinear
 from llama.quantize import Int8Linear
 
@@ -43,7 +44,10 @@ class StackedLinear(nn.Module):
         parts = [_tensors(layer) for layer in layers]
         self.layers = list(layers)  # a plain list: not registered, so the parameters are not listed twice
         self.sizes = [p[0].shape[0] for p in parts]
-        stacked = [torch.cat(list(group)) for group in zip(*parts)]
+        # In memory advised for huge pages (kernels.empty_huge): the stacked weights are streamed every token.
+        stacked = [torch.cat(list(group), out=kernels.empty_huge((sum(t.shape[0] for t in group),
+                                                                 *group[0].shape[1:]), group[0].dtype))
+                   for group in zip(*parts)]
         if len(stacked) == 1:
             self.product: nn.Module = _Dense(stacked[0])
         else:
@@ -83,9 +87,22 @@ class _Dense(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from llama import kernels
-
         return kernels.linear(x, self.weight)
+
+
+def to_huge_pages(model: nn.Module) -> None:
+    """Copy the weights of the layers ``stack_projections`` leaves separate (wo, w2, the classifier; dense or
+    int8) into memory advised for huge pages (``kernels.empty_huge``), CPU inference weights only."""
+    layers = [m for block in getattr(model, "layers", []) for m in (block.attention.wo, block.feed_forward.w2)]
+    for layer in layers + ([model.output] if hasattr(model, "output") else []):
+        tensors = _tensors(layer)
+        if tensors is None or tensors[0].device.type != "cpu" or tensors[0].requires_grad:
+            continue
+        moved = kernels.empty_huge(tensors[0].shape, tensors[0].dtype).copy_(tensors[0])
+        if layer.local_linear is None:
+            layer.weight.data = moved
+        else:
+            layer.local_linear.weight_int8 = moved
 
 
 def stack_projections(model: nn.Module) -> int:

@@ -18,10 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog_prompt, has_special_tags
-from llama.cpu_decode import CpuDecoder
+from llama.cpu_decode import prepare_inference
 from llama.device import select_device
 from llama.errors import UserError
-from llama.fusion import stack_projections
 from llama.loading import load_model
 from llama.model import Transformer
 from llama.parallel import init_distributed, initialize_model_parallel
@@ -218,8 +217,8 @@ class Llama:
         self.tokenizer = tokenizer
         self.draft, self.speculate_k = draft, speculate_k
         for m in (model, draft):
-            if m is not None and stack_projections(m):  # CPU inference weights only; the state_dict is unchanged
-                m.cpu_decoder = CpuDecoder(m)
+            if m is not None:
+                prepare_inference(m)  # CPU: stacked projections, one-call decode; the state_dict is unchanged
         # A private generator: sampling never touches torch's global RNG.
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device)

@@ -140,13 +140,13 @@ static inline __attribute__((always_inline)) void f32_tile(const float* x, int64
    4 at a time, where the per-row overhead would dominate. */
 static inline int rows_per_tile(int64_t row_bytes) { return row_bytes <= 512 ? 4 : 1; }
 
-/* y (M, N) = x (M, K) w (N, K)^T, for small M. Tiles of weight rows are split over `threads` OpenMP threads
-   (dynamic chunks: on a shared machine one preempted thread must not hold the others back); a tile past the last
-   row repeats row N-1 and its results are dropped. */
+/* y (M, N) = x (M, K) w (N, K)^T, for small M. Tiles of weight rows are split over `threads` OpenMP threads in
+   contiguous ranges (a static schedule: each core streams one region in order; interleaved dynamic chunks measured
+   35-60 % slower on 2 cores); a tile past the last row repeats row N-1 and its results are dropped. */
 void f32_mm(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
   int nr = rows_per_tile(K * 4);
   int64_t tiles = (N + nr - 1) / nr;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; t++) {
     int64_t n0 = t * nr;
     const float* rows[NR];
@@ -230,7 +230,7 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t* x, i
 void bf16_mm(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t N, int64_t K, int threads) {
   int nr = rows_per_tile(K * 2);
   int64_t tiles = (N + nr - 1) / nr;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; t++) {
     int64_t n0 = t * nr;
     const uint16_t* rows[NR];
@@ -390,7 +390,7 @@ static void q8_mm(const int8_t* xq, const float* xs, const float* corr, const in
                   int64_t M, int64_t N, int64_t K, int64_t Kp, int threads) {
   int nr = rows_per_tile(K);
   int64_t tiles = (N + nr - 1) / nr, nb = Kp / QBLOCK;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; t++) {
     int64_t n0 = t * nr;
     const int8_t* rows[NR];
