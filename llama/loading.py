@@ -2,6 +2,10 @@
 device and dtype, with the KV cache allocated -- after the checks that would otherwise fail late or silently."""
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -71,18 +75,74 @@ def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int,
             with torch.no_grad():
                 layer.replace_local_linear(factory(kept))
             replaced.append(name.rpartition(".")[0])
+            drop_file_pages(tensor)
+            tensor = kept = None  # the dense weight goes before the next one is read
+            release_freed_memory()
             continue
         if factory is not None and kept.data_ptr() == tensor.data_ptr():
             # A memory-mapped checkpoint stays mapped, with the pages of every weight read through it, as long as
             # one tensor still points into it: keep a copy instead.
             kept = kept.clone()
+            drop_file_pages(tensor)
         state[name] = kept
+    if factory is not None:
+        checkpoint = tensor = kept = None  # the shards' file mappings go now, not at some later collection
+        gc.collect()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     # As strict=True, except for the quantized modules made above (their buffers are already in place).
     stray = unexpected + [k for k in missing if k.rpartition(".local_linear.")[0] not in replaced]
     assert not stray, stray
     model.init_buffers(device, dtype)
     return model.requires_grad_(False).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _libc(name: str):
+    """A function of the C library (glibc's malloc_trim, madvise), or None where there is none."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere). Quantizing while loading
+    frees one dense weight after another, and glibc keeps such chunks for reuse, so without this the process would
+    stay near the dense model's size although it holds only the quantized one."""
+    trim = _libc("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+def drop_file_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the pages of ``tensor`` where it lies in a memory-mapped file (a checkpoint read with
+    mmap; Linux): the pages of a mapping count as the process's memory for as long as it is mapped, so a checkpoint
+    read through to the end would otherwise sit in memory whole beside the int8 model. Only whole pages inside
+    the tensor, and only inside a file mapping (never memory the process owns), are advised (MADV_DONTNEED: a
+    later read of them comes from the file again)."""
+    madvise = _libc("madvise")
+    if madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.nbytes) // page * page
+    if end > start and _in_file_mapping(start, end):
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    except OSError:
+        pass
+    return False
 
 
 def check_saved_tokenizer(ckpt_dir, tokenizer_path) -> None:

@@ -52,10 +52,17 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # an all-zero row keeps scale > 0
-        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scales.to(weight.dtype))
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        # A few MB of rows at a time (each row is quantized on its own): the fp32 temporaries stay small while a
+        # checkpoint is quantized as it loads, whatever the size of the weight.
+        step = max(1, (1 << 22) // max(1, weight.shape[1]))
+        for r in range(0, weight.shape[0], step):
+            w = weight[r:r + step].detach().float()
+            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # an all-zero row keeps scale > 0
+            q[r:r + step] = torch.round(w / s[:, None]).clamp_(-127, 127)
+            scales[r:r + step] = s
+        return cls(q, scales.to(weight.dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]

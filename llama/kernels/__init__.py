@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from llama import kernel_cache
 
-# Activation rows up to which ``linear`` uses f32_mm: beyond, the product is compute bound and MKL's blocked GEMM is
-# the faster one (measured by benchmarks/bench_kernels.py).
+# Activation rows up to which ``linear`` uses f32_mm (and attention its kernel): decode batches and speculative
+# verification (k + 1 rows). A prefill is compute bound, where MKL's blocked GEMM and SDPA's tiling win.
 F32_MAX_ROWS = 16
 # Multiply-adds below which a product runs on one thread: waking the thread team costs a few microseconds, as much
 # as a small product itself.
@@ -74,9 +74,8 @@ def _build(cflags=_CFLAGS) -> Optional[ctypes.CDLL]:
     ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llama_kernel_isa.restype = ctypes.c_char_p
     lib.llama_kernel_qblock.restype = cint
-    lib.f32_mm.restype = None
+    lib.f32_mm.restype = lib.bf16_mm.restype = None
     lib.f32_mm.argtypes = lib.bf16_mm.argtypes = [ptr, ptr, ptr, i64, i64, i64, cint]
-    lib.bf16_mm.restype = None
     lib.q8_linear.restype = cint
     lib.q8_linear.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint]
     lib.rmsnorm.restype = lib.rope.restype = lib.silu_mul.restype = None
@@ -96,7 +95,8 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the library was compiled for: avx512_vnni, avx512, avx2_vnni, avx2 or scalar."""
+    """The instruction set the library was compiled for: avx512_vnni_bf16, avx512_vnni, avx512, avx2_vnni, avx2 or
+    scalar ("none" when it is not built)."""
     lib = _library()
     return lib.llama_kernel_isa().decode() if lib else "none"
 
