@@ -14,6 +14,9 @@ then says no and the block goes back to separate products until ``stack_projecti
 
 Column-parallel layers only (no output collective), so a tensor-parallel rank stacks its own shards, which is
 its share of the stacked matrix.
+
+The stacked tensors, and by ``to_huge_pages`` the other streamed weights (wo, w2, the classifier), live in memory
+advised for transparent huge pages (``kernels.empty_huge``): a decode step streams all of them once per token.
 """
 from __future__ import annotations
 
