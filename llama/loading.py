@@ -3,7 +3,6 @@ device and dtype, with the KV cache allocated -- after the checks that would oth
 from __future__ import annotations
 
 import ctypes
-import functools
 import gc
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Optional
 import torch
 
 from llama.checkpoint import CheckpointError, MetaCheckpoint, is_meta_folder
+from llama.kernels import libc
 from llama.errors import UserError
 from llama.files import sha256_file
 from llama.hf import HFCheckpoint, is_hf_folder
@@ -51,7 +51,7 @@ def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int,
     """This model-parallel rank's shard of ``ckpt_dir`` as an eval-mode Transformer without gradients.
     Built on the meta device (no memory, no init), then it adopts the loaded tensors one by one. ``quantize`` (a
     ``llama.quantize.quantizer`` mode, e.g. "int8") turns each linear weight into its quantized module as soon as
-    it is read, so the dense model never exists: peak memory is the quantized model plus one dense tensor."""
+    it is read, so the dense model never exists (benchmarks/load_memory.py measures the peak)."""
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(ckpt_dir)
     if tokenizer.n_words != checkpoint.vocab_size:
@@ -96,22 +96,11 @@ def load_model(ckpt_dir, tokenizer: Tokenizer, tokenizer_path, max_seq_len: int,
     return model.requires_grad_(False).eval()
 
 
-@functools.lru_cache(maxsize=None)
-def _libc(name: str):
-    """A function of the C library (glibc's malloc_trim, madvise), or None where there is none."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return None
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-
-
 def release_freed_memory() -> None:
     """Give freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere). Quantizing while loading
     frees one dense weight after another, and glibc keeps such chunks for reuse, so without this the process would
     stay near the dense model's size although it holds only the quantized one."""
-    trim = _libc("malloc_trim")
+    trim = libc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -122,7 +111,7 @@ def drop_file_pages(tensor: torch.Tensor) -> None:
     read through to the end would otherwise sit in memory whole beside the int8 model. Only whole pages inside
     the tensor, and only inside a file mapping (never memory the process owns), are advised (MADV_DONTNEED: a
     later read of them comes from the file again)."""
-    madvise = _libc("madvise")
+    madvise = libc("madvise")
     if madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return
     page = os.sysconf("SC_PAGE_SIZE")

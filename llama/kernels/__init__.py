@@ -182,7 +182,7 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     product ran 25-40 % faster here (fewer TLB misses while streaming). Elsewhere, or when the kernel refuses, it is
     a plain ``torch.empty``."""
     t = torch.empty(shape, dtype=dtype)
-    madvise = _madvise()
+    madvise = libc("madvise")
     if madvise is not None and t.nbytes >= 1 << 22:
         page = 1 << 21
         start = -(-t.data_ptr() // page) * page  # the whole 2 MB pages inside the tensor
@@ -193,12 +193,12 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _madvise():
-    """libc's madvise on Linux, else None."""
+def libc(name: str):
+    """A function of the C library on Linux (glibc's madvise, malloc_trim), or None where there is none."""
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).madvise
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
@@ -251,5 +251,5 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sta
     return out
 
 
-__all__ = ["available", "isa", "qblock", "fast", "linear", "empty_huge", "f32_mm", "q8_mm", "rms_norm", "rotary", "silu_mul",
+__all__ = ["available", "isa", "qblock", "fast", "linear", "empty_huge", "libc", "f32_mm", "q8_mm", "rms_norm", "rotary", "silu_mul",
            "attention", "F32_MAX_ROWS", "SMALL_PRODUCT"]
