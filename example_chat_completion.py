@@ -1,10 +1,13 @@
 # Chat with a Llama 2 chat checkpoint.
 # Runs as `python example_chat_completion.py --ckpt_dir D --tokenizer_path T` (CPU or one GPU) or under
 # `torchrun --nproc_per_node N example_chat_completion.py ...` (N model-parallel processes, any shard count).
+from pathlib import Path
 from typing import List, Optional
 
 from llama import Dialog, Llama
+from llama.chat_format import encode_dialog_prompt
 from llama.errors import UserError, run_cli
+from llama.llama2c import recorded_seq_len
 
 
 def main(
@@ -22,6 +25,7 @@ def main(
     device: Optional[str] = None,
     user: Optional[str] = None,
     system: Optional[str] = None,
+    interactive: bool = False,
 ):
     """
     Answer a few sample dialogs with a chat model.
@@ -41,8 +45,15 @@ def main(
             into the weights.
         device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
         user: answer this message instead of Meta's demo dialogs (with --system as the system prompt).
-        system: a system prompt for --user.
+        system: a system prompt for --user or --interactive.
+        interactive: chat at the terminal: each reply streams as it is generated and the dialog is kept; an empty
+            line or Ctrl-D ends, Ctrl-C stops a reply; when the dialog outgrows max_seq_len its oldest turns are
+            dropped (said so on screen). Example: --interactive --system "Answer briefly."
     """
+    recorded = recorded_seq_len(ckpt_dir) if Path(ckpt_dir).is_dir() else None
+    if recorded is not None and max_seq_len > recorded:
+        print(f"note: max_seq_len {max_seq_len} capped at {recorded}, the context this model was trained with")
+        max_seq_len = recorded
     build = Llama.build
     extra = {}
     if lora_path or quantize == "nf4":
@@ -105,11 +116,17 @@ If a question does not make any sense, or is not factually coherent, explain why
             }
         ],
     ]
+    if interactive:
+        if user is not None:
+            raise UserError("--interactive asks for each message itself; drop --user")
+        return chat_loop(generator, system, temperature, top_p, max_gen_len, max_seq_len)
     if user is not None:
         dialogs = [([{"role": "system", "content": str(system)}] if system else [])
                    + [{"role": "user", "content": str(user)}]]
     elif system is not None:
-        raise UserError("--system goes with --user (the message to answer)")
+        raise UserError("--system goes with --user (the message to answer) or --interactive")
+    else:
+        dialogs = demo_dialogs_that_fit(generator, dialogs, max_seq_len)
     if stream:
         for dialog in dialogs:
             for msg in dialog:
@@ -134,6 +151,64 @@ If a question does not make any sense, or is not factually coherent, explain why
             f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}"
         )
         print("\n==================================\n")
+
+
+def prompt_tokens(generator: Llama, dialog: Dialog) -> int:
+    return len(encode_dialog_prompt(generator.tokenizer, dialog))
+
+
+def demo_dialogs_that_fit(generator: Llama, dialogs: List[Dialog], max_seq_len: int) -> List[Dialog]:
+    """Meta's demo dialogs whose prompts leave room for a reply; a model with a short context or a small-vocabulary
+    tokenizer (stories260K: 512 positions, 512 pieces) cannot take the longest ones, so they are skipped, each
+    with a note, instead of failing the whole batch."""
+    kept = []
+    for i, dialog in enumerate(dialogs, 1):
+        n = prompt_tokens(generator, dialog)
+        if n < max_seq_len:
+            kept.append(dialog)
+        else:
+            print(f"note: demo dialog {i} skipped: its prompt is {n} tokens and max_seq_len is {max_seq_len}")
+    if not kept:
+        raise UserError(f"no demo dialog fits max_seq_len {max_seq_len}; pass --user MESSAGE or a larger "
+                        f"--max_seq_len")
+    return kept
+
+
+def chat_loop(generator: Llama, system: Optional[str], temperature: float, top_p: float,
+              max_gen_len: Optional[int], max_seq_len: int) -> None:
+    """--interactive: read a message, stream the reply, keep the dialog; see main's docstring."""
+    head: Dialog = [{"role": "system", "content": str(system)}] if system else []
+    turns: Dialog = []
+    room = max(1, min(max_gen_len or max_seq_len // 4, max_seq_len // 2))  # positions kept free for the reply
+    print("Chat with the model: type a message and press Enter. An empty line or Ctrl-D ends; Ctrl-C stops a "
+          "reply.\n")
+    while True:
+        try:
+            text = input("> User: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not text.strip():
+            return
+        turns.append({"role": "user", "content": text})
+        while prompt_tokens(generator, head + turns) > max_seq_len - room and len(turns) > 1:
+            turns = turns[2:]  # the oldest user + assistant pair
+            print(f"(the dialog outgrew max_seq_len {max_seq_len}: its oldest turn was dropped)")
+        if prompt_tokens(generator, head + turns) > max_seq_len - room:
+            print(f"(that message is too long for max_seq_len {max_seq_len}; send a shorter one)")
+            turns.pop()
+            continue
+        print("> Assistant: ", end="", flush=True)
+        reply = []
+        try:
+            for delta in generator.stream_chat(head + turns, temperature=temperature, top_p=top_p,
+                                               max_gen_len=max_gen_len):
+                print(delta, end="", flush=True)
+                reply.append(delta)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print("\n")
+        turns.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
 if __name__ == "__main__":
