@@ -46,9 +46,9 @@ def main(
         device: cpu, cuda (this process's GPU) or cuda:N; default: cuda:LOCAL_RANK when CUDA is available, else cpu.
         user: answer this message instead of Meta's demo dialogs (with --system as the system prompt).
         system: a system prompt for --user or --interactive.
-        interactive: chat at the terminal: each reply streams as it is generated and the dialog is kept; an empty
-            line or Ctrl-D ends, Ctrl-C stops a reply; when the dialog outgrows max_seq_len its oldest turns are
-            dropped (said so on screen). Example: --interactive --system "Answer briefly."
+        interactive: chat at the terminal; each reply streams as it is generated and the dialog is kept. An empty
+            line or Ctrl-D ends, Ctrl-C stops a reply, and when the dialog outgrows max_seq_len its oldest turns
+            are dropped with a note on screen. Example --interactive --system "Answer briefly."
     """
     recorded = recorded_seq_len(ckpt_dir) if Path(ckpt_dir).is_dir() else None
     if recorded is not None and max_seq_len > recorded:

@@ -28,7 +28,20 @@ from llama.llama2c import LLAMA2C_INFO, llama2c_seq_len, read_llama2c, recorded_
 
 def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "safetensors", mp: int = 1,
             overwrite: bool = False) -> str:
-    """Convert a llama2.c legacy checkpoint (e.g. stories260K.bin) into a Meta-layout folder."""
+    """Convert a llama2.c legacy checkpoint (e.g. stories260K.bin) into a Meta-layout folder.
+
+    Args:
+        src (str): the llama2.c legacy .bin file (fp32, as written by llama2.c's export), e.g. stories260K.bin
+        dst (str): the Meta folder to write (params.json, consolidated.NN.<fmt>, checklist.chk), never inside SRC,
+            e.g. stories260K/
+        tokenizer (str, default None): a SentencePiece .model to copy into DST under its own name (the one the
+            checkpoint was trained with); None writes no tokenizer, e.g. --tokenizer tok512.model
+        fmt (str, default "safetensors"): shard file format, "safetensors" or "pth" (torch.save, Meta's own), e.g.
+            --fmt pth
+        mp (int, default 1): number of model-parallel shards to write (must divide the attention and kv head counts),
+            e.g. --mp 2
+        overwrite (bool, default False): replace an existing DST once the new folder is complete, e.g. --overwrite
+    """
     ckpt.prepare_destination(dst, overwrite, [src])  # before reading anything
     if tokenizer and not Path(tokenizer).is_file():
         raise ckpt.CheckpointError(f"--tokenizer {tokenizer} does not exist; pass the SentencePiece model this "
@@ -54,7 +67,16 @@ def llama2c(src: str, dst: str, tokenizer: Optional[str] = None, fmt: str = "saf
 def to_llama2c(src: str, dst: str, seq_len: Optional[int] = None, overwrite: bool = False) -> str:
     """Convert a Meta-layout folder (any shard count) into a llama2.c legacy fp32 .bin. ``seq_len`` (the rotary
     tables' length) defaults to the one recorded when the folder was converted from llama2.c, so the file
-    round-trips byte for byte; else 2048."""
+    round-trips byte for byte; else 2048.
+
+    Args:
+        src (str): the Meta folder, params.json + consolidated.NN.pth or .safetensors (any number of shards), e.g.
+            stories260K/
+        dst (str): the llama2.c .bin file to write (a file path, not a folder), e.g. stories260K.bin
+        seq_len (int, default None): length of the rotary tables stored in the file, in tokens (llama2.c's seq_len);
+            None takes the one recorded in SRC/llama2c.json, else 2048, e.g. --seq_len 512
+        overwrite (bool, default False): replace an existing DST once the new file is complete, e.g. --overwrite
+    """
     ckpt.prepare_destination(dst, overwrite, [src])
     if Path(dst).is_dir():
         raise ckpt.CheckpointError(f"{dst} is a folder; to_llama2c writes one file: pass a path like {dst}/model.bin")
@@ -69,14 +91,36 @@ def to_llama2c(src: str, dst: str, seq_len: Optional[int] = None, overwrite: boo
 
 
 def reshard(src: str, dst: str, mp: int, fmt: Optional[str] = None, overwrite: bool = False) -> str:
-    """Rewrite a Meta checkpoint with any number of shards as ``mp`` shards (with checklist.chk)."""
+    """Rewrite a Meta checkpoint with any number of shards as ``mp`` shards (with checklist.chk).
+
+    Args:
+        src (str): the Meta folder to read (params.json + consolidated.NN.pth or .safetensors, any shard count)
+        dst (str): the new Meta folder to write, never SRC itself nor inside it (reshard into a new folder, then
+            rename it), e.g. llama-2-7b-mp2/
+        mp (int): number of model-parallel shards to write (must divide the attention and kv head counts), e.g. 2
+        fmt (str, default None): shard file format, "safetensors" or "pth"; None keeps the format of SRC's shards,
+            e.g. --fmt safetensors
+        overwrite (bool, default False): replace an existing DST once the new folder is complete, e.g. --overwrite
+    """
     out = ckpt.reshard(src, dst, mp, fmt=fmt, overwrite=overwrite)
     print(f"wrote {out} ({mp} shards)")
     return str(out)
 
 
 def hf_to_meta(src: str, dst: str, mp: int = 1, fmt: str = "safetensors", overwrite: bool = False) -> str:
-    """Convert a Hugging Face Llama folder (config.json + safetensors) into a Meta folder of ``mp`` shards."""
+    """Convert a Hugging Face Llama folder (config.json + safetensors) into a Meta folder of ``mp`` shards.
+
+    Args:
+        src (str): the Hugging Face folder (config.json + model*.safetensors, tokenizer.model if any), e.g.
+            Llama-2-7b-hf/
+        dst (str): the Meta folder to write (params.json, consolidated.NN.<fmt>, checklist.chk), never inside SRC,
+            e.g. llama-2-7b/
+        mp (int, default 1): number of model-parallel shards to write (must divide the attention and kv head counts),
+            e.g. --mp 2
+        fmt (str, default "safetensors"): shard file format, "safetensors" or "pth" (torch.save, Meta's own), e.g.
+            --fmt pth
+        overwrite (bool, default False): replace an existing DST once the new folder is complete, e.g. --overwrite
+    """
     out = hf.hf_to_meta(src, dst, mp=mp, fmt=fmt, overwrite=overwrite)
     print(f"wrote {out} ({mp} shard{'s' if mp > 1 else ''}, {fmt})")
     return str(out)
@@ -85,7 +129,24 @@ def hf_to_meta(src: str, dst: str, mp: int = 1, fmt: str = "safetensors", overwr
 def meta_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size: str = "5GB",
                overwrite: bool = False, tokenizer: Optional[str] = None,
                max_position_embeddings: int = hf.DEFAULT_MAX_POSITIONS) -> str:
-    """Convert a Meta folder (any shard count) into a Hugging Face folder loadable by LlamaForCausalLM."""
+    """Convert a Meta folder (any shard count) into a Hugging Face folder loadable by LlamaForCausalLM.
+
+    Args:
+        src (str): the Meta folder, params.json + consolidated.NN.pth or .safetensors (any number of shards), e.g.
+            llama-2-7b/
+        dst (str): the Hugging Face folder to write (config.json, model*.safetensors, tokenizer files), never inside
+            SRC, e.g. Llama-2-7b-hf/
+        dtype (str, default None): tensor type written, "float32", "bfloat16" or "float16"; None keeps the type
+            stored in SRC, e.g. --dtype bfloat16
+        max_shard_size (str, default "5GB"): largest safetensors file before a new one starts (KB/MB/GB are powers
+            of 10, KiB/MiB/GiB of 2, a bare number is bytes); one bigger tensor gets a file of its own, e.g.
+            --max_shard_size 500MB
+        overwrite (bool, default False): replace an existing DST once the new folder is complete, e.g. --overwrite
+        tokenizer (str, default SRC/tokenizer.model if present): the SentencePiece .model to include (its BOS/EOS
+            ids go into config.json); without one DST has no tokenizer, e.g. --tokenizer tokenizer.model
+        max_position_embeddings (int, default 4096): config.json's max_position_embeddings, the context length in
+            tokens that Hugging Face tools assume (params.json does not record it), e.g. --max_position_embeddings 2048
+    """
     out = hf.meta_to_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                         tokenizer=tokenizer, max_position_embeddings=max_position_embeddings)
     if not (out / hf.TOKENIZER_FILE).is_file():

@@ -91,7 +91,15 @@ def build_translation(ko, en, out, seed: int = 0, directions: str = "both", max_
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def run(stages, **kwargs) -> None:
-    """Train through the stages of STAGES.json: run STAGES.json --ckpt_dir C --tokenizer_path T --out_dir O [...]"""
+    """Train through the stages of STAGES.json: run STAGES.json --ckpt_dir C --tokenizer_path T --out_dir O [...]
+
+    Every flag after STAGES is a flag of ``python -m kollama.train`` (see ``python -m kollama.train --help``), e.g.
+    --ckpt_dir, --tokenizer_path, --out_dir; this command is the same as ``python -m kollama.train --curriculum``.
+
+    Args:
+        stages (str): the stage file, JSON or YAML, {"stages": [...]} or a bare list of stages (datasets with
+            weights, epochs or steps, lr; the format is in kollama/train/stages.py), e.g. stages.json
+    """
     from kollama.train.__main__ import run as train_cli
 
     train_cli(curriculum=str(stages), **kwargs)
@@ -99,7 +107,21 @@ def run(stages, **kwargs) -> None:
 
 def _build_translation_cli(ko, en, out, seed: int = 0, directions: str = "both",
                            max_pairs: Optional[int] = None, overwrite: bool = False) -> None:
-    """Translation instructions from a parallel corpus: build_translation KO EN OUT.jsonl [--seed 0] [--overwrite]"""
+    """Translation instructions from a parallel corpus: build_translation KO EN OUT.jsonl [--seed 0] [--overwrite]
+
+    Args:
+        ko (str): the Korean side, UTF-8 text with one sentence per line, line-aligned with EN, e.g. corpus.ko
+        en (str): the English side, UTF-8 text, line i translating line i of KO, e.g. corpus.en
+        out (str): the JSONL file to write, one {"instruction", "input", "output"} row per pair and direction (pairs
+            with a blank side are skipped), never KO or EN, e.g. translation.jsonl
+        seed (int, default 0): seed of the random choice of instruction phrasing (Korean or English) for each row,
+            e.g. --seed 1
+        directions (str, default "both"): "both" (an en2ko and a ko2en row per pair, en2ko first), "en2ko" or
+            "ko2en", e.g. --directions en2ko
+        max_pairs (int, default None): use only the first N line pairs of the files; None uses them all, e.g.
+            --max_pairs 10000
+        overwrite (bool, default False): replace an existing OUT (written atomically), e.g. --overwrite
+    """
     info = build_translation(ko, en, out, seed=seed, directions=directions, max_pairs=max_pairs, overwrite=overwrite)
     print(f"wrote {info['rows']} rows from {info['pairs']} pairs ({info['skipped_pairs']} skipped) -> {info['out']}")
 

@@ -419,7 +419,56 @@ def evaluate(ckpt_dir: str, tokenizer_path: str, tasks=DEFAULT_TASKS, out: str =
              model_parallel_size: Optional[int] = None, device: Optional[str] = None, dtype: Optional[str] = None,
              progress: bool = True, allow_base_mismatch: bool = False) -> dict:
     """Run the tasks and write `out` (JSON: {"meta": ..., "tasks": {name: metrics}}); returns the same dict.
-    `allow_base_mismatch`: evaluate a --lora_path adapter recorded for another base or tokenizer (a warning)."""
+    `allow_base_mismatch`: evaluate a --lora_path adapter recorded for another base or tokenizer (a warning).
+
+    Args:
+        ckpt_dir (str): the Meta folder to evaluate, params.json + consolidated.NN.pth or .safetensors (any shard
+            count), e.g. --ckpt_dir llama-2-7b-ko/
+        tokenizer_path (str): the SentencePiece .model the checkpoint was trained with (the tokenizer task measures
+            this one), e.g. --tokenizer_path llama-2-7b-ko/tokenizer.model
+        tasks (str, default "bpc,tokenizer,kobest"): comma-separated task names, among kobest_boolq, kobest_copa,
+            kobest_hellaswag, kobest_sentineg, kobest_wic, klue_nli, nsmc, bpc, tokenizer, en2ko, ko2en and kullm,
+            or the aliases kobest (the five kobest_*) and translation (en2ko + ko2en), e.g. --tasks bpc,nsmc,en2ko
+        out (str, default "results.json"): the JSON file of results, rewritten atomically after every task (only
+            rank 0 writes), e.g. --out runs/lora/results.json
+        data_dir (str, default None): the folder with the task data (kobest/, klue_nli_*.json, nsmc_*.jsonl,
+            parallel/NAME.ko + NAME.en, kullm_user_oriented_eval.jsonl, ud_ko_*_dev.txt); needed by every task
+            except bpc and tokenizer given --text_files, e.g. --data_dir data/eval
+        text_files (str, default DATA_DIR/ud_ko_*_dev.txt): comma-separated text files for bpc and tokenizer, one
+            document per non-blank line, e.g. --text_files a.txt,b.txt
+        lora_path (str, default None): a LoRA/QLoRA adapter folder (kollama.train's adapter/) folded into the model
+            before evaluating; None evaluates the checkpoint alone, e.g. --lora_path runs/lora/adapter
+        max_seq_len (int, default 2048): longest token sequence the model sees (at least 2); longer
+            multiple-choice requests keep their last tokens, e.g. --max_seq_len 4096
+        batch_size (int, default 8): requests (or prompts) per forward pass, e.g. --batch_size 16
+        window (int, default MAX_SEQ_LEN): tokens the model sees per window when scoring bpc documents, at most
+            MAX_SEQ_LEN, e.g. --window 1024
+        stride (int, default half the window): tokens each later bpc window advances (and scores), at most the
+            window, e.g. --stride 256
+        k_shot (int, default 0): examples from the train split put before each multiple-choice question (0 =
+            zero-shot, needs no train files), e.g. --k_shot 5
+        seed (int, default 1234): seed of the k-shot example draws (and of the generator; generation is greedy),
+            e.g. --seed 1
+        limit (int, default None): evaluate only the first N items of each task (questions, text lines of each file,
+            sentence pairs of each set, kullm rows); None evaluates all, e.g. --limit 100
+        bos (bool, default True): prepend BOS to multiple-choice requests, as lm-evaluation-harness does, e.g.
+            --nobos
+        template (str, default "plain"): prompt format for en2ko, ko2en and kullm, "plain" (bare completion, the
+            first generated line is the answer), "kullm" or "chat" (Llama 2 chat format), e.g. --template chat
+        max_gen_len (int, default 256): most tokens generated per answer, less than MAX_SEQ_LEN, e.g.
+            --max_gen_len 128
+        gen_out (str, default OUT's name with .kullm.jsonl): the JSONL file of kullm answers (one row per prompt
+            with its hangul_share), e.g. --gen_out runs/lora/kullm.jsonl
+        model_parallel_size (int, default None): model-parallel shards to load the checkpoint as; None uses one
+            per process (the torchrun world size), e.g. --model_parallel_size 2
+        device (str, default None): cpu, cuda (this process's GPU) or cuda:N; None uses cuda:LOCAL_RANK when CUDA
+            is available, else cpu, e.g. --device cpu
+        dtype (str, default None): weight type, fp32/float32, bf16/bfloat16 or fp16/float16; None is bf16 on GPUs
+            that support it (else fp16) and fp32 on CPU, e.g. --dtype fp32
+        progress (bool, default True): show progress bars on stderr (rank 0 only), e.g. --noprogress
+        allow_base_mismatch (bool, default False): evaluate a --lora_path adapter recorded for another base model
+            or tokenizer anyway (with a warning) instead of refusing it, e.g. --allow_base_mismatch
+    """
     from llama.generation import Llama
 
     task_list = expand_tasks(tasks)

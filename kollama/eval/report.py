@@ -235,7 +235,16 @@ def plot(runs: Sequence[dict], out_dir: Path) -> Tuple[List[Path], Optional[str]
 
 
 def report(*run_dirs, out_dir: str = "report", names=None) -> Path:
-    """Write OUT_DIR/report.md (+ charts) comparing the runs; returns the report's path."""
+    """Write OUT_DIR/report.md (+ charts) comparing the runs; returns the report's path.
+
+    Args:
+        run_dirs (str): one or more run folders (results.json from kollama.evaluate, config.json and metrics.jsonl
+            from kollama.train, each optional) or results.json files, one table column each, e.g. runs/lora runs/full
+        out_dir (str, default "report"): folder for report.md and, with matplotlib, metric_*.png and loss.png
+            (created if missing), e.g. --out_dir report/
+        names (str, default None): comma-separated column names, one per RUN_DIR in order; None names each run
+            after its folder (or its file's stem), e.g. --names lora,full
+    """
     if not run_dirs:
         raise ReportError("no runs given; pass one or more run folders: python -m kollama.report RUN_DIR...")
     if isinstance(names, str):
