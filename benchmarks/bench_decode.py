@@ -292,17 +292,22 @@ def peer_table(shape, a, rates, say):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="stories260K,stories15M,1.1B")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--shapes", default="stories260K,stories15M,1.1B", help="comma-separated model shapes (see "
+                    "SHAPES above; 7B on CUDA only); default %(default)s, e.g. --shapes stories15M")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per run (default %(default)s; "
+                    "--peers uses at least 32)")
     ap.add_argument("--batches", default="1,8,32", help="batch sizes for the small shapes (1.1B: batch 1 only)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt length for decode runs")
-    ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill row for the 1.1B/7B "
+                    "shapes (default %(default)s; stories15M uses 256)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (the slowest part)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 decode and perplexity rows")
     ap.add_argument("--compile", action="store_true", help="also time Llama(..., compile=True)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice), "
+                    "e.g. --threads 2")
     ap.add_argument("--peers", action="store_true", help="the CPU peer comparison (see above) instead of the "
                     "default tables; shapes default to stories15M,1.1B")
     ap.add_argument("--llama2c", default=None, metavar="DIR", help="with --peers: a llama2.c folder holding the "

@@ -98,11 +98,12 @@ def run_shape(shape: str, tokens: int, ks, n_prompts: int) -> list:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="stories260K,1.1B")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--k", default="2,4,6")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shapes", default="stories260K,1.1B", help="comma-separated shapes of bench_decode.SHAPES "
+                    "(default %(default)s)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
+    ap.add_argument("--k", default="2,4,6", help="comma-separated draft lengths to try (default %(default)s)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per shape (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", default=None, help="append a Markdown table of the figures to this file")
     a = ap.parse_args()
     if a.threads:
