@@ -15,7 +15,7 @@ def main(
     tokenizer_path: str,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 512,
+    max_seq_len: Optional[int] = None,
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
     stream: bool = False,
@@ -35,7 +35,8 @@ def main(
         tokenizer_path: the SentencePiece tokenizer.model the checkpoint was trained with.
         temperature: sampling temperature (0 = greedy).
         top_p: nucleus sampling threshold.
-        max_seq_len: maximum prompt + generation length (sizes the KV cache).
+        max_seq_len: maximum prompt + generation length (sizes the KV cache); default 512, or the model's own
+            context when that is smaller (the seq_len a llama2.c model was trained with, e.g. 512 for stories260K).
         max_batch_size: maximum number of dialogs at once (sizes the KV cache).
         max_gen_len: maximum number of generated tokens; None = up to max_seq_len - 1.
         stream: print each reply as it is generated (one dialog at a time), instead of batched at the end.
@@ -50,10 +51,9 @@ def main(
             line or Ctrl-D ends, Ctrl-C stops a reply, and when the dialog outgrows max_seq_len its oldest turns
             are dropped with a note on screen. Example --interactive --system "Answer briefly."
     """
-    recorded = recorded_seq_len(ckpt_dir) if Path(ckpt_dir).is_dir() else None
-    if recorded is not None and max_seq_len > recorded:
-        print(f"note: max_seq_len {max_seq_len} capped at {recorded}, the context this model was trained with")
-        max_seq_len = recorded
+    if max_seq_len is None:  # Meta's 512, unless the model was trained with less
+        recorded = recorded_seq_len(ckpt_dir) if Path(ckpt_dir).is_dir() else None
+        max_seq_len = min(512, recorded or 512)
     build = Llama.build
     extra = {}
     if lora_path or quantize == "nf4":
