@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llama import kernels
-from llama.fusion import StackedLinear, stack_projections, to_huge_pages
+from llama.fusion import StackedLinear, stack_projections, to_huge_pages, weight_tensors
 from llama.parallel import get_model_parallel_world_size
 from llama.quantize import Int8Linear
 
@@ -37,16 +37,9 @@ class _Dims(ctypes.Structure):
 
 
 def _product(module: nn.Module, int8: bool) -> Optional[List[torch.Tensor]]:
-    """[weight] of a dense local product or [weight_int8, scales] of an int8 one, matching ``int8``; else None."""
-    if isinstance(module, StackedLinear):
-        module = module.product
-        if isinstance(module, Int8Linear):
-            return [module.weight_int8, module.scales] if int8 else None
-        return None if int8 else [module.weight]
-    if module.local_linear is None:  # a ParallelLinear
-        return None if int8 or module.weight is None else [module.weight]
-    local = module.local_linear
-    return [local.weight_int8, local.scales] if int8 and isinstance(local, Int8Linear) else None
+    """The weight tensors of a layer's (or stacked) product when it is of the kind ``int8`` says, else None."""
+    tensors = weight_tensors(module.product if isinstance(module, StackedLinear) else module)
+    return tensors if tensors is not None and (len(tensors) == 2) == int8 else None
 
 
 class CpuDecoder:
@@ -137,7 +130,7 @@ class CpuDecoder:
             for layer in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3):
                 local = getattr(layer, "local_linear", None)
                 holders.append((layer, layer._parameters.get("weight"), local))
-                tensors += [layer.weight] if local is None else [local.weight_int8, local.scales]
+                tensors += weight_tensors(layer)
             tensors += [t for part in parts for t in part] + norms + cache
         self._watch = (holders, [(t, t.data_ptr()) for t in tensors], torch.get_num_threads())
 

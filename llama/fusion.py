@@ -26,16 +26,22 @@ import torch
 from torch import nn
 
 from llama import kernels
-from llama.parallel import ColumnParallelLinear
+from llama.parallel import ColumnParallelLinear, ParallelLinear
 from llama.quantize import Int8Linear
 
 
-def _tensors(layer: ColumnParallelLinear) -> Optional[List[torch.Tensor]]:
-    """The tensors holding the layer's local weight: [weight] dense, [weight_int8, scales] int8, else None."""
-    if layer.local_linear is None and layer.weight is not None:
-        return [layer.weight]
-    if isinstance(layer.local_linear, Int8Linear):
-        return [layer.local_linear.weight_int8, layer.local_linear.scales]
+def weight_tensors(module: nn.Module) -> Optional[List[torch.Tensor]]:
+    """The tensors holding a local product's weight: [weight] dense, [weight_int8, scales] int8, else None (no
+    weight, or another kind of product: an adapter, NF4, int4). ``module``: a ParallelLinear, its local module, or
+    a stacked product."""
+    if isinstance(module, ParallelLinear):
+        if module.local_linear is None:
+            return None if module.weight is None else [module.weight]
+        module = module.local_linear
+    if isinstance(module, Int8Linear):
+        return [module.weight_int8, module.scales]
+    if isinstance(module, _Dense):
+        return [module.weight]
     return None
 
 
@@ -44,7 +50,7 @@ class StackedLinear(nn.Module):
 
     def __init__(self, layers: Sequence[ColumnParallelLinear]):
         super().__init__()
-        parts = [_tensors(layer) for layer in layers]
+        parts = [weight_tensors(layer) for layer in layers]
         self.layers = list(layers)  # a plain list: not registered, so the parameters are not listed twice
         self.sizes = [p[0].shape[0] for p in parts]
         # In memory advised for huge pages (kernels.empty_huge): the stacked weights are streamed every token.
@@ -64,7 +70,7 @@ class StackedLinear(nn.Module):
             else:
                 layer.local_linear.weight_int8, layer.local_linear.scales = views
             offset += size
-        self._pointers = [[t.data_ptr() for t in _tensors(layer)] for layer in layers]
+        self._pointers = [[t.data_ptr() for t in weight_tensors(layer)] for layer in layers]
 
     def usable(self) -> bool:
         """Whether the layers still hold the views made here (nothing replaced or re-bound a weight since), no
@@ -73,7 +79,7 @@ class StackedLinear(nn.Module):
             return False
         grad = torch.is_grad_enabled()
         for layer, pointers in zip(self.layers, self._pointers):
-            tensors = _tensors(layer)
+            tensors = weight_tensors(layer)
             if tensors is None or [t.data_ptr() for t in tensors] != pointers:
                 return False
             if grad and any(t.requires_grad for t in tensors):
@@ -98,7 +104,7 @@ def to_huge_pages(model: nn.Module) -> None:
     int8) into memory advised for huge pages (``kernels.empty_huge``), CPU inference weights only."""
     layers = [m for block in getattr(model, "layers", []) for m in (block.attention.wo, block.feed_forward.w2)]
     for layer in layers + ([model.output] if hasattr(model, "output") else []):
-        tensors = _tensors(layer)
+        tensors = weight_tensors(layer)
         if tensors is None or tensors[0].device.type != "cpu" or tensors[0].requires_grad:
             continue
         moved = kernels.empty_huge(tensors[0].shape, tensors[0].dtype).copy_(tensors[0])
@@ -116,7 +122,7 @@ def stack_projections(model: nn.Module) -> int:
         for owner, names, attr in ((block.attention, ("wq", "wk", "wv"), "stacked_qkv"),
                                    (block.feed_forward, ("w1", "w3"), "stacked_w13")):
             layers = [getattr(owner, n) for n in names]
-            parts = [_tensors(layer) for layer in layers]
+            parts = [weight_tensors(layer) for layer in layers]
             if any(p is None for p in parts) or len({len(p) for p in parts}) != 1:
                 continue
             if any(t.device.type != "cpu" or t.requires_grad for p in parts for t in p):

@@ -545,9 +545,13 @@ typedef struct {
   int threads;
 } dims_t;
 
+/* Multiply-adds below which a product runs on one thread: the same bound as kernels.SMALL_PRODUCT, so this path
+   splits work exactly as the per-op path does. */
+#define SMALL_PRODUCT (1 << 16)
+
 static int product(const dims_t* d, const void* w, const float* scale, const float* x, float* y, int64_t N,
                    int64_t K) {
-  int threads = N * K >= (1 << 16) ? d->threads : 1; /* as kernels._threads */
+  int threads = N * K >= SMALL_PRODUCT ? d->threads : 1;
   if (d->int8) return q8_linear(x, (const int8_t*)w, scale, y, 1, N, K, threads);
   f32_mm(x, (const float*)w, y, 1, N, K, threads);
   return 0;
@@ -568,7 +572,7 @@ int decode_layers(const dims_t* d, const layer_t* layers, int64_t n_layers, floa
     rope(q, dim, rope_pos, q, 1, 1, d->n_heads, d->head_dim);
     rope(k, kv_dim, rope_pos, L->k_cache + pos * kv_dim, 1, 1, d->n_kv_heads, d->head_dim);
     memcpy(L->v_cache + pos * kv_dim, v, sizeof(float) * (size_t)kv_dim);
-    int threads = d->n_heads * (pos + 1) * d->head_dim >= (1 << 16) ? d->threads : 1;
+    int threads = d->n_heads * (pos + 1) * d->head_dim >= SMALL_PRODUCT ? d->threads : 1;
     if (attention(q, L->k_cache, L->v_cache, att, 1, 1, d->n_heads, d->n_kv_heads, d->head_dim, pos, d->t_max,
                   threads))
       return -1;
