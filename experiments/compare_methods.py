@@ -66,9 +66,15 @@ METHODS = {  # name: (extra train flags, lr, uses the expanded tokenizer)
 LOG = []  # (command, seconds, rc)
 
 
+def from_root(path) -> Path:
+    """``path`` relative to the repository root, where main() works and every command runs: what the runs record
+    (configs, results, the report) then names no folder of the machine it ran on."""
+    return Path(os.path.relpath(Path(path).resolve(), ROOT))
+
+
 def sh(cmd, log_file: Path = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a CLI from the repository root; echo it, time it, keep its output."""
-    text = " ".join(shlex.quote(str(c)) for c in cmd)
+    text = " ".join("python" if c == sys.executable else shlex.quote(str(c)) for c in cmd)
     print(f"$ {text}", flush=True)
     t0 = time.time()
     p = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True,
@@ -162,8 +168,10 @@ def main() -> None:
         ap.add_argument(f"--{k}", type=int, default=None)
     ap.add_argument("--md_only", action="store_true", help="rewrite --md from an earlier run's --out folder")
     args = ap.parse_args()
+    args.data, args.out, args.md = from_root(args.data), from_root(args.out), from_root(args.md)
+    os.chdir(ROOT)
     if args.md_only:
-        out = Path(args.out).resolve()
+        out = args.out
         s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         results = {n: json.loads((out / "runs" / rd / "results.json").read_text())["tasks"] for n, rd in s["arms"]}
         s["md_only"] = True
@@ -175,7 +183,7 @@ def main() -> None:
     steps, micro, tsteps, limit = (40, 4, 12, 100) if args.quick else (60, 8, 20, 200)
     steps, micro, tsteps, limit = (v if o is None else o for v, o in zip((steps, micro, tsteps, limit),
                                                                       (args.steps, args.micro, args.tsteps, args.limit)))
-    fx, out = Path(args.data).resolve(), Path(args.out).resolve()
+    fx, out = args.data, args.out
     w = out / "work"  # checkpoints, data, run folders: git-ignored
     if w.exists():
         shutil.rmtree(w)
